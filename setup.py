@@ -1,0 +1,43 @@
+"""Packaging for the hotdog trainer: `pip install -e ".[dev]"` for development."""
+
+from setuptools import setup
+
+setup(
+    name="trainer",
+    version="0.1.0",
+    description="Hydra-configured ResNet50 fine-tuning job for image folders, local or gs://",
+    python_requires=">=3.10",
+    # conf/ lives at the top of the repository but ships inside the package as trainer.conf,
+    # so `python -m trainer` finds its configs from a wheel as well as from a checkout.
+    packages=[
+        "trainer",
+        "trainer.conf",
+        "trainer.conf.data",
+        "trainer.conf.model",
+        "trainer.conf.train",
+        "trainer.conf.distribute",
+        "trainer.conf.output",
+        "trainer.conf.experiment",
+        "trainer.conf.storage",
+    ],
+    package_dir={"trainer.conf": "conf"},
+    package_data={"trainer.conf": ["*.yaml", "*/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras>=3.12,<4",
+        "tensorboard==2.21.*",
+        "hydra-core==1.3.*",
+        "omegaconf==2.3.*",
+        "google-cloud-storage>=3,<4",
+        "pillow>=10",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},
+)

@@ -1,0 +1,69 @@
+"""`python -m trainer [overrides]`: Hydra entry point.
+
+Composes the config, runs the job, maps errors to exit codes (2: bad config or data, 3: below
+`train.min_accuracy`) and returns the test accuracy, which Hydra sweepers optimize.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) would bury our one-line errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from trainer import BelowMinAccuracy, TrainerError  # noqa: E402
+from trainer.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    from trainer.job import run
+
+    # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
+    try:
+        return run(cfg)["test_accuracy"]
+    except TrainerError as error:
+        _exit(2, f"trainer: error: {error}")
+    except BelowMinAccuracy as error:
+        _exit(3, f"trainer: {error}")
+
+
+def _exit(code: int, line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _config_error_line(error: BaseException) -> str:
+    """One line naming the key, from Hydra's and OmegaConf's multi-line messages."""
+    cause = error
+    while not isinstance(cause, OmegaConfBaseException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        msg = getattr(cause, "msg", None) or str(cause)
+        msg = msg.splitlines()[0] if msg else type(cause).__name__
+        return f"{key}: {msg}" if key else msg
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+def main() -> None:
+    """Console script `trainer`; the same as `python -m trainer`."""
+    # Hydra would print multi-line reports and exit 1; let errors reach us to give exit codes.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as error:
+        _exit(2, f"trainer: config error: {_config_error_line(error)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Image folders -> validated file lists -> tf.data pipelines.
+
+A dataset is a folder with one subfolder per class. Classes are the sorted subfolder names;
+JPEG, PNG, BMP and GIF files are found by extension (any case); hidden files and anything else
+are ignored. Files TensorFlow cannot decode are found up front, reported and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer import TrainerError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclass
+class Split:
+    """Parallel lists of image paths and integer labels."""
+
+    files: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, keep: np.ndarray) -> Split:
+        return Split([self.files[i] for i in keep], self.labels[keep])
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def list_image_folder(root: str, key: str) -> dict[str, list[str]]:
+    """Map each class folder under `root` to its sorted image files; `key` names the config key."""
+    if not os.path.isdir(root):
+        raise TrainerError(f"{key}={root}: folder not found")
+    classes = sorted(n for n in os.listdir(root) if _visible(n) and os.path.isdir(f"{root}/{n}"))
+    if len(classes) < 2:
+        raise TrainerError(
+            f"{key}={root}: found {len(classes)} class folder(s) {classes}; need at least 2 "
+            "(one subfolder per class)"
+        )
+    found = {}
+    for name in classes:
+        folder = os.path.join(root, name)
+        files = sorted(
+            os.path.join(folder, f)
+            for f in os.listdir(folder)
+            if _visible(f)
+            and f.lower().endswith(IMAGE_EXTENSIONS)
+            and os.path.isfile(os.path.join(folder, f))
+        )
+        if not files:
+            raise TrainerError(
+                f"{key}={root}: class folder '{name}' holds no images "
+                f"({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        found[name] = files
+    return found
+
+
+def _to_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        files += by_class[name]
+        labels += [label] * len(by_class[name])
+    return Split(files, np.asarray(labels, dtype=np.int64))
+
+
+def load_splits(
+    train_dir: str, test_dir: str | None, validation_split: float, seed: int
+) -> tuple[list[str], Split, Split]:
+    """Classes (sorted folder names) and the train and test file lists.
+
+    With no test_dir, a seeded, per-class share of the training files becomes the test set, so
+    every class appears in both and the split is the same on every run with the same seed.
+    """
+    train = list_image_folder(train_dir, "data.train_dir")
+    classes = list(train)
+    if test_dir is not None:
+        test = list_image_folder(test_dir, "data.test_dir")
+        unknown = sorted(set(test) - set(train))
+        if unknown:
+            raise TrainerError(
+                f"data.test_dir={test_dir}: class folder(s) {unknown} not in data.train_dir"
+                f"={train_dir} (classes there: {classes})"
+            )
+        return classes, _to_split(train, classes), _to_split(test, classes)
+
+    rng = np.random.default_rng(seed)
+    kept, held = {}, {}
+    for name, files in train.items():
+        order = rng.permutation(len(files))
+        n_test = int(round(len(files) * validation_split))
+        if n_test < 1 or n_test >= len(files):
+            raise TrainerError(
+                f"data.validation_split={validation_split}: class '{name}' has {len(files)} "
+                "images, too few to split; add images or set data.test_dir"
+            )
+        held[name] = [files[i] for i in sorted(order[:n_test])]
+        kept[name] = [files[i] for i in sorted(order[n_test:])]
+    return classes, _to_split(kept, classes), _to_split(held, classes)
+
+
+def decode_image(image_bytes, image_size: int):
+    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB [size, size, 3] in 0..255.
+
+    One function for training and for the exported model, so serving sees exactly the pixels
+    training saw. Grayscale, RGBA and CMYK become RGB; a GIF gives its first frame.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(image, [image_size, image_size])  # bilinear, float32
+    image.set_shape([image_size, image_size, 3])
+    return image
+
+
+def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) for each file TensorFlow cannot read and decode, checked in parallel."""
+    import tensorflow as tf
+
+    def probe(index, path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return index, tf.shape(image)
+
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(files)), files))
+    ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ds = ds.map(lambda index, shape: index).batch(1024).prefetch(tf.data.AUTOTUNE)
+    good = {int(index) for batch in ds.as_numpy_iterator() for index in batch}
+    bad = []
+    for index in sorted(set(range(len(files))) - good):
+        try:  # decode the few bad ones again, eagerly, for the reason
+            tf.io.decode_image(tf.io.read_file(files[index]), channels=3, expand_animations=False)
+            reason = "unreadable"
+        except (tf.errors.OpError, ValueError) as error:
+            reason = getattr(error, "message", str(error)).strip().splitlines()[0]
+            reason = reason.split("]")[-1].strip() or "undecodable"
+        bad.append((files[index], reason))
+    return bad
+
+
+def drop_bad_images(split: Split, name: str, fail: bool) -> Split:
+    """Leave out (or, with `fail`, refuse) the undecodable files of `split`, listing each one."""
+    bad = find_bad_images(split.files)
+    if not bad:
+        return split
+    if fail:
+        path, reason = bad[0]
+        raise TrainerError(
+            f"{path}: cannot decode image ({reason}); {len(bad)} bad file(s) in the {name} set "
+            "(data.on_bad_image=fail; set data.on_bad_image=skip to leave them out)"
+        )
+    log.warning("skipping %d undecodable image(s) in the %s set:", len(bad), name)
+    for path, reason in bad:
+        log.warning("  skipped %s (%s)", path, reason)
+    bad_paths = {path for path, _ in bad}
+    keep = np.asarray([i for i, f in enumerate(split.files) if f not in bad_paths], dtype=np.int64)
+    kept = split.subset(keep)
+    for label in np.unique(split.labels):
+        if not np.any(kept.labels == label):
+            folder = os.path.dirname(split.files[int(np.argmax(split.labels == label))])
+            raise TrainerError(
+                f"{folder}: every image of this class in the {name} set is undecodable"
+            )
+    return kept
+
+
+def image_dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+):
+    """Batched (pixels, label) pairs: parallel read, decode and resize, then prefetch."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((split.files, split.labels))
+    if shuffle:  # shuffle paths, not pixels: a full-size shuffle buffer then costs nothing
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(
+        lambda path, label: (decode_image(tf.io.read_file(path), image_size), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not shuffle,
+    )
+    ds = ds.batch(batch_size)
+    if augment:
+        augmenter = _augmenter(seed)
+        ds = ds.map(
+            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _augmenter(seed: int):
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 2),
+        ],
+        name="augment",
+    )

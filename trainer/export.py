@@ -1,0 +1,87 @@
+"""SavedModel with serving signatures, plus labels, metrics and the resolved config.
+
+`serving_default` takes encoded images (tf.string [None]) and does decoding, resizing and
+ResNet50 preprocessing in the graph, so TF Serving needs nothing else; `serving_pixels` takes
+float RGB pixels [None, H, W, 3] in 0..255. Both return probabilities, class_id, class_name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+from trainer.data import decode_image
+
+
+def _outputs(probabilities, labels):
+    class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+    return {
+        "probabilities": probabilities,
+        "class_id": class_id,
+        "class_name": tf.gather(labels, class_id),
+    }
+
+
+def export_saved_model(model: keras.Model, classes: list[str], image_size: int, path: str) -> None:
+    """Write the SavedModel to a temporary sibling of `path`, then rename it into place, so
+    `path` is never half-written (a reader sees the old model or the new one)."""
+    labels = tf.constant(classes)
+    pixel_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
+
+    def serve_bytes(image_bytes):
+        pixels = tf.map_fn(
+            lambda data: decode_image(data, image_size), image_bytes, fn_output_signature=pixel_spec
+        )
+        return _outputs(model(pixels, training=False), labels)
+
+    def serve_pixels(pixels):
+        return _outputs(model(pixels, training=False), labels)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint(
+        "serving_pixels",
+        serve_pixels,
+        input_signature=[
+            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="pixels")
+        ],
+    )
+    parent, name = os.path.split(os.path.abspath(path))
+    staging = os.path.join(parent, f".{name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    archive.write_out(staging, verbose=False)
+    replace_dir(staging, path)
+
+
+def replace_dir(new: str, path: str) -> None:
+    """Move directory `new` to `path`, replacing what is there (two renames: a short gap)."""
+    old = f"{path}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small file atomically (temporary file, then rename)."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def write_run_files(out_dir: str, classes: list[str], metrics: dict, config_yaml: str) -> None:
+    """labels.txt (class_id order), metrics.json and config.yaml."""
+    write_text(os.path.join(out_dir, "labels.txt"), "".join(f"{c}\n" for c in classes))
+    write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    write_text(os.path.join(out_dir, "config.yaml"), config_yaml)

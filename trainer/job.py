@@ -1,0 +1,258 @@
+"""`run(cfg) -> dict`: the whole job, top to bottom. Tests call this; `__main__` adds Hydra.
+
+image folders -> validated file lists -> (frozen backbone once -> cached features -> head)
+or (full forward each step, with augmentation) -> optional fine-tuning of the top blocks
+-> evaluation, TensorBoard report -> SavedModel + labels + metrics + config -> _SUCCESS
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import BelowMinAccuracy
+from trainer.config import validate
+from trainer.data import drop_bad_images, load_splits
+from trainer.storage import Output, stage_dir, stage_file
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and export as `cfg` says; return the metrics written to metrics.json."""
+    started = time.perf_counter()
+    validate(cfg)
+    d, m, s = cfg.data, cfg.model, cfg.storage
+    output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
+    output.check()  # read-only here: only the chief may clear anything, and it is not known yet
+    train_dir = stage_dir(d.train_dir, s.cache_dir, "data.train_dir")
+    test_dir = None if d.test_dir is None else stage_dir(d.test_dir, s.cache_dir, "data.test_dir")
+    weights = m.weights
+    if weights not in (None, "imagenet"):
+        weights = stage_file(weights, s.cache_dir, "model.weights")
+    classes, train, test = load_splits(train_dir, test_dir, d.validation_split, cfg.seed)
+    log.info(
+        "found %d classes %s: %d training and %d test images",
+        len(classes),
+        classes,
+        len(train),
+        len(test),
+    )
+
+    # TensorFlow is imported only now: config and folder errors above answer in a second.
+    import keras
+
+    from trainer.distribute import choose_strategy, is_chief
+
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = choose_strategy(cfg.distribute.strategy.value, cfg.distribute.simulate_devices)
+    chief = is_chief(strategy)
+    # Only the chief writes output.dir; other workers write to a private directory, removed at
+    # the end (Keras' callbacks and the export need somewhere to write on every worker).
+    if chief:
+        output.prepare()
+    out_dir = output.local_dir if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+    try:
+        return _train_and_export(
+            cfg, output, out_dir, chief, strategy, classes, train, test, weights, started
+        )
+    finally:
+        output.close()
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _train_and_export(
+    cfg, output, out_dir, chief, strategy, classes, train, test, weights, started
+) -> dict:
+    import keras
+    import numpy as np
+
+    from trainer import tensorboard
+    from trainer.data import image_dataset
+    from trainer.export import export_saved_model, write_run_files
+    from trainer.features import extract_features, feature_dataset
+    from trainer.model import build_model, feature_extractor, unfreeze_from
+    from trainer.train import evaluate, fit
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    fail = d.on_bad_image.value == "fail"
+    train = drop_bad_images(train, "training", fail)
+    test = drop_bad_images(test, "test", fail)
+
+    replicas = strategy.num_replicas_in_sync
+    batch = d.batch_size * replicas
+    log.info("batch size: %d per replica x %d replica(s) = %d", d.batch_size, replicas, batch)
+    log_dir = os.path.join(out_dir, "tensorboard")
+    timings: dict[str, float] = {}
+    sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]
+
+    with strategy.scope():
+        model = build_model(len(classes), d.image_size, weights, m.dropout, cfg.seed)
+    train_images = image_dataset(
+        train, d.image_size, batch, shuffle=True, augment=d.augment, seed=cfg.seed
+    )
+    test_images = image_dataset(test, d.image_size, batch)
+    sample_x, sample_y = next(iter(train_images.take(1)))
+    tensorboard.write_sample_batch(log_dir, sample_x[:16], sample_y[:16].numpy(), classes)
+
+    fast_path = not d.augment
+    total_epochs = t.epochs + t.finetune_epochs
+    phase_started = time.perf_counter()
+    if fast_path:
+        log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
+        with strategy.scope():
+            extractor = feature_extractor(model)
+        spill = os.path.join(out_dir, ".feature_cache")
+        features = {
+            name: extract_features(
+                extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name
+            )
+            for name, split in (("train", train), ("test", test))
+        }
+        timings["backbone_pass_s"] = time.perf_counter() - phase_started
+        phase_started = time.perf_counter()
+        head = model.get_layer("head")
+        fit(
+            head,
+            feature_dataset(features["train"], train.labels, batch, shuffle=True, seed=cfg.seed),
+            feature_dataset(features["test"], test.labels, batch),
+            learning_rate=t.learning_rate,
+            epochs=t.epochs,
+            initial_epoch=0,
+            total_epochs=total_epochs,
+            log_dir=log_dir,
+            phase="head on cached features",
+            extra_callbacks=sync,
+        )
+        timings["head_s"] = time.perf_counter() - phase_started
+    else:
+        log.info("full forward each step (data.augment=true)")
+        fit(
+            model,
+            train_images,
+            test_images,
+            learning_rate=t.learning_rate,
+            epochs=t.epochs,
+            initial_epoch=0,
+            total_epochs=total_epochs,
+            log_dir=log_dir,
+            phase="head",
+            extra_callbacks=sync,
+        )
+        timings["head_s"] = time.perf_counter() - phase_started
+
+    if t.finetune_epochs:
+        phase_started = time.perf_counter()
+        with strategy.scope():
+            unfrozen = unfreeze_from(model, t.finetune_from)
+        log.info(
+            "fine-tuning: %d backbone layers from %s unfrozen, lr %g",
+            unfrozen,
+            t.finetune_from,
+            t.finetune_learning_rate,
+        )
+        fit(
+            model,
+            train_images,
+            test_images,
+            learning_rate=t.finetune_learning_rate,
+            epochs=t.finetune_epochs,
+            initial_epoch=t.epochs,
+            total_epochs=total_epochs,
+            log_dir=log_dir,
+            phase="fine-tune",
+            extra_callbacks=sync,
+        )
+        timings["finetune_s"] = time.perf_counter() - phase_started
+
+    # Final evaluation: on cached features when the backbone never changed (same numbers the
+    # full model gives, without another backbone pass), else on images.
+    if fast_path and not t.finetune_epochs:
+        probabilities = model.get_layer("head").predict(
+            feature_dataset(features["test"], test.labels, batch), verbose=0
+        )
+    else:
+        probabilities = model.predict(test_images, verbose=0)
+    shutil.rmtree(os.path.join(out_dir, ".feature_cache"), ignore_errors=True)
+    result = evaluate(np.asarray(probabilities), test.labels, len(classes))
+    predicted = result.pop("predicted")
+
+    wrong = np.flatnonzero(predicted != test.labels)[:16]
+    wrong_images = (
+        np.stack(
+            [
+                x
+                for x, _ in image_dataset(test.subset(wrong), d.image_size, 16)
+                .unbatch()
+                .as_numpy_iterator()
+            ]
+        )
+        if len(wrong)
+        else []
+    )
+    tensorboard.write_test_report(
+        log_dir,
+        total_epochs,
+        classes,
+        result["confusion_matrix"],
+        wrong_images,
+        test.labels[wrong],
+        predicted[wrong],
+    )
+
+    metrics = {
+        "test_accuracy": result["test_accuracy"],
+        "test_loss": result["test_loss"],
+        "epochs": total_epochs,
+        "classes": classes,
+        "num_train": len(train),
+        "num_test": len(test),
+        "confusion_matrix": result["confusion_matrix"],
+        "replicas": replicas,
+        "fast_path": fast_path,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    tensorboard.write_hparams(
+        log_dir,
+        {
+            "learning_rate": t.learning_rate,
+            "batch_size": d.batch_size,
+            "epochs": t.epochs,
+            "dropout": m.dropout,
+            "image_size": d.image_size,
+            "augment": d.augment,
+            "finetune_epochs": t.finetune_epochs,
+            "weights": str(m.weights),
+        },
+        {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]},
+    )
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_run_files(out_dir, classes, metrics, config_yaml)
+    log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
+
+    if t.min_accuracy is not None and metrics["test_accuracy"] < t.min_accuracy:
+        raise BelowMinAccuracy(
+            f"test accuracy {metrics['test_accuracy']:.4f} is below train.min_accuracy="
+            f"{t.min_accuracy}: metrics written to {out_dir}/metrics.json, model not exported"
+        )
+
+    export_started = time.perf_counter()
+    saved_model = os.path.join(out_dir, "saved_model")
+    export_saved_model(model, classes, d.image_size, saved_model)
+    timings["export_s"] = time.perf_counter() - export_started
+    metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_run_files(out_dir, classes, metrics, config_yaml)
+    if chief:
+        output.publish()
+        where = output.uri
+        log.info("exported to %s/saved_model", where)
+        log.info("TensorBoard logs: tensorboard --logdir %s/tensorboard", where)
+    return metrics

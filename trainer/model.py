@@ -1,0 +1,107 @@
+"""ResNet50 backbone, classification head, weights loading and freezing.
+
+The model takes raw 0..255 RGB pixels and applies ResNet50's own `preprocess_input` (caffe
+mode: BGR, ImageNet mean subtracted) inside the graph, so the exported model needs nothing
+else. The backbone is called with `training=False`: its BatchNorm layers stay in inference
+mode even when the top of the backbone is unfrozen for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+
+from trainer import TrainerError
+
+FEATURES = 2048  # ResNet50's pooled feature width
+NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def build_backbone(image_size: int, weights: str | None) -> keras.Model:
+    """ResNet50 without its ImageNet top, average-pooled to 2048 features, weights loaded."""
+    shape = (image_size, image_size, 3)
+    common = dict(include_top=False, input_shape=shape, pooling="avg", name="backbone")
+    if weights == "imagenet":
+        try:
+            return keras.applications.ResNet50(weights="imagenet", **common)
+        except ValueError:
+            raise
+        except Exception as error:  # keras.utils.get_file raises bare Exception on fetch failure
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise TrainerError(
+                f"model.weights=imagenet: cannot download the ResNet50 ImageNet weights ({first}). "
+                f"Offline? Bake {NOTOP_FILE} into the image's Keras cache (~/.keras/models, the "
+                "Dockerfile does this) or pass model.weights=/path/to/" + NOTOP_FILE
+            ) from error
+    backbone = keras.applications.ResNet50(weights=None, **common)
+    if weights is not None:
+        load_weights(backbone, weights)
+    return backbone
+
+
+def load_weights(backbone: keras.Model, path: str) -> None:
+    """Load Keras' official notop .h5 or a Keras 3 .weights.h5 into `backbone`, or say why not."""
+    if not os.path.isfile(path):
+        raise TrainerError(f"model.weights={path}: file not found")
+    if not path.endswith((".h5", ".hdf5")):
+        raise TrainerError(f"model.weights={path}: expected {NOTOP_FILE} or a *.weights.h5 file")
+    try:
+        backbone.load_weights(path)
+    except Exception as error:  # h5py, ValueError, KeyError...: all mean "not these weights"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainerError(
+            f"model.weights={path}: does not fit ResNet50 without top ({first[:200]})"
+        ) from error
+
+
+def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
+    """Dropout + Dense softmax over pooled features; the output stays float32 in mixed precision."""
+    return keras.Sequential(
+        [
+            keras.Input((FEATURES,), name="features"),
+            keras.layers.Dropout(dropout, seed=seed),
+            keras.layers.Dense(
+                num_classes, activation="softmax", dtype="float32", name="probabilities"
+            ),
+        ],
+        name="head",
+    )
+
+
+def build_model(
+    num_classes: int, image_size: int, weights: str | None, dropout: float, seed: int = 0
+) -> keras.Model:
+    """Raw pixels -> preprocess_input -> frozen ResNet50 -> head. Sublayers: `backbone`, `head`."""
+    pixels = keras.Input((image_size, image_size, 3), name="pixels")
+    backbone = build_backbone(image_size, weights)
+    backbone.trainable = False
+    head = build_head(num_classes, dropout, seed)
+    return keras.Model(pixels, head(_features(backbone, pixels)), name="resnet50_classifier")
+
+
+def _features(backbone: keras.Model, pixels):
+    return backbone(keras.applications.resnet50.preprocess_input(pixels), training=False)
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """The model up to the pooled features (same layers, same weights): what the fast path runs."""
+    return keras.Model(
+        model.input, _features(model.get_layer("backbone"), model.input), name="feature_extractor"
+    )
+
+
+def unfreeze_from(model: keras.Model, layer_name: str) -> int:
+    """Make the backbone trainable from `layer_name` on; return how many layers that unfroze."""
+    backbone = model.get_layer("backbone")
+    names = [layer.name for layer in backbone.layers]
+    if layer_name not in names:
+        raise TrainerError(
+            f"train.finetune_from={layer_name}: no such layer in ResNet50 "
+            f"(e.g. conv5_block1_1_conv, conv4_block1_1_conv)"
+        )
+    start = names.index(layer_name)
+    backbone.trainable = True
+    for layer in backbone.layers[:start]:
+        layer.trainable = False
+    return len(backbone.layers) - start

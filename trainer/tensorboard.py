@@ -1,0 +1,111 @@
+"""What the run adds to TensorBoard beyond Keras' scalars: sample images, misclassified test
+images, the confusion matrix, and HParams so sweeps line up in the HParams tab."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageDraw
+from tensorboard.plugins.hparams import api as hp
+
+TILE = 128  # small training images are scaled up so their captions stay readable
+
+
+def _grid(images: np.ndarray, captions: list[str], columns: int = 4) -> np.ndarray:
+    """Tile uint8 images into one RGB image with a caption under each."""
+    rows = (len(images) + columns - 1) // columns
+    caption_h = 14
+    canvas = Image.new("RGB", (columns * TILE, rows * (TILE + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (i % columns) * TILE, (i // columns) * (TILE + caption_h)
+        canvas.paste(Image.fromarray(image).resize((TILE, TILE)), (x, y))
+        draw.text((x + 2, y + TILE + 1), caption[:24], fill="black")
+    return np.asarray(canvas)
+
+
+def _confusion_image(confusion: np.ndarray, classes: list[str]) -> np.ndarray:
+    n = len(classes)
+    cell, margin = 48, 110
+    canvas = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    peak = max(int(confusion.max()), 1)
+    for t in range(n):
+        draw.text((4, margin + t * cell + cell // 3), f"true {classes[t]}"[:18], fill="black")
+        draw.text((margin + t * cell + 2, margin - 40 + (t % 2) * 14), classes[t][:8], fill="black")
+        for p in range(n):
+            shade = 255 - int(200 * confusion[t, p] / peak)
+            box = (
+                margin + p * cell,
+                margin + t * cell,
+                margin + (p + 1) * cell,
+                margin + (t + 1) * cell,
+            )
+            draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
+            draw.text(
+                (box[0] + 6, box[1] + cell // 3),
+                str(confusion[t, p]),
+                fill="black" if shade > 120 else "white",
+            )
+    draw.text((margin, 4), "predicted ->", fill="black")
+    return np.asarray(canvas)
+
+
+def _to_uint8(images) -> np.ndarray:
+    return np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
+
+
+def write_sample_batch(log_dir: str, images, labels, classes: list[str]) -> None:
+    """An image grid of training images with their labels, as the input pipeline delivers them."""
+    captions = [classes[int(label)] for label in labels]
+    with tf.summary.create_file_writer(f"{log_dir}/train").as_default():
+        tf.summary.image(
+            "sample_training_batch",
+            _grid(_to_uint8(images), captions)[None],
+            step=0,
+            description="First training batch (after decoding, resizing and any "
+            "augmentation) with its labels.",
+        )
+
+
+def write_test_report(
+    log_dir: str,
+    step: int,
+    classes: list[str],
+    confusion,
+    wrong_images,
+    wrong_true,
+    wrong_predicted,
+) -> None:
+    """Confusion matrix and the misclassified test images with predicted and true class."""
+    with tf.summary.create_file_writer(f"{log_dir}/validation").as_default():
+        tf.summary.image(
+            "confusion_matrix",
+            _confusion_image(np.asarray(confusion), classes)[None],
+            step=step,
+            description="Rows: true class; columns: predicted class.",
+        )
+        if len(wrong_images):
+            captions = [
+                f"{classes[p]} (true {classes[t]})"
+                for t, p in zip(wrong_true, wrong_predicted, strict=True)
+            ]
+            tf.summary.image(
+                "misclassified",
+                _grid(_to_uint8(wrong_images), captions)[None],
+                step=step,
+                description="Misclassified test images: predicted (true).",
+            )
+
+
+def write_hparams(log_dir: str, hparams: dict, metrics: dict) -> None:
+    """HParams for this run plus its final metrics, so TensorBoard compares the runs of a sweep."""
+    with tf.summary.create_file_writer(log_dir).as_default():
+        hp.hparams_config(
+            hparams=[hp.HParam(name) for name in hparams],
+            metrics=[hp.Metric(name) for name in metrics]
+            + [hp.Metric("epoch_accuracy", group="validation", display_name="test accuracy/epoch")],
+        )
+        hp.hparams(hparams)
+        for name, value in metrics.items():
+            tf.summary.scalar(name, value, step=0)

@@ -22,8 +22,17 @@ from trainer.config import register_configs  # noqa: E402
 
 register_configs()
 
+# A source checkout (editable install, git worktree) reads conf/ beside the package; an installed
+# wheel carries the same files as the package trainer.conf.
+_CHECKOUT_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf")
+_CONF = (
+    os.path.normpath(_CHECKOUT_CONF)
+    if os.path.isfile(os.path.join(_CHECKOUT_CONF, "config.yaml"))
+    else "pkg://trainer.conf"
+)
 
-@hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
+
+@hydra.main(version_base="1.3", config_path=_CONF, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from trainer.job import run
 

@@ -84,3 +84,12 @@ class Output:
 
     def close(self) -> None:
         """Stop background syncing; the working directory stays for inspection."""
+
+
+def stage_model_dir(uri: str) -> str:
+    """A local copy of an exported model directory (the folder itself when it is local)."""
+    if is_gcs(uri):
+        raise _no_gcs_yet(uri, "MODEL_DIR")
+    if not os.path.isdir(uri):
+        raise TrainerError(f"{uri}: model folder not found")
+    return uri

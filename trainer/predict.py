@@ -1,0 +1,103 @@
+"""`python -m trainer.predict MODEL_DIR IMAGE_OR_DIR...`: classify images with an exported model.
+
+MODEL_DIR is a run's output.dir or its saved_model/ folder. Prints one tab-separated line per
+image: path, class, probability. Folders are searched recursively for JPEG/PNG/BMP/GIF files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from trainer import TrainerError  # noqa: E402
+from trainer.data import IMAGE_EXTENSIONS  # noqa: E402
+from trainer.storage import stage_model_dir  # noqa: E402
+
+BATCH = 32
+
+
+def find_images(paths: list[str]) -> list[str]:
+    """The image files named by `paths`, folders expanded recursively and sorted."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [
+                    os.path.join(folder, f)
+                    for f in sorted(files)
+                    if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise TrainerError(f"{path}: no such file or folder")
+    return found
+
+
+def load_model(model_dir: str):
+    """The `serving_default` signature of the SavedModel in `model_dir` (or its saved_model/)."""
+    import tensorflow as tf
+
+    local = stage_model_dir(model_dir)
+    if os.path.isdir(os.path.join(local, "saved_model")):
+        local = os.path.join(local, "saved_model")
+    if not os.path.isfile(os.path.join(local, "saved_model.pb")):
+        raise TrainerError(f"{model_dir}: no SavedModel here (expected saved_model.pb)")
+    return tf.saved_model.load(local).signatures["serving_default"]
+
+
+def classify(serve, paths: list[str]):
+    """Yield (path, class_name, probability, error) for each image, in order."""
+    import tensorflow as tf
+
+    for start in range(0, len(paths), BATCH):
+        chunk = paths[start : start + BATCH]
+        data = [open(p, "rb").read() for p in chunk]
+        try:
+            results = [serve(image_bytes=tf.constant(data))]
+            groups = [chunk]
+        except tf.errors.InvalidArgumentError:  # a bad file in the batch: go one by one
+            results, groups = [], []
+            for path, blob in zip(chunk, data, strict=True):
+                try:
+                    results.append(serve(image_bytes=tf.constant([blob])))
+                    groups.append([path])
+                except tf.errors.InvalidArgumentError:
+                    yield path, None, None, "cannot decode image"
+        for out, group in zip(results, groups, strict=True):
+            names = out["class_name"].numpy()
+            probs = out["probabilities"].numpy().max(axis=1)
+            for path, name, prob in zip(group, names, probs, strict=True):
+                yield path, name.decode(), float(prob), None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="a run's output.dir or its saved_model/ (local or gs://)")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    args = parser.parse_args(argv)
+    try:
+        paths = find_images(args.images)
+        if not paths:
+            raise TrainerError(f"no images (JPEG, PNG, BMP, GIF) in {' '.join(args.images)}")
+        serve = load_model(args.model_dir)
+        failed = 0
+        for path, name, prob, error in classify(serve, paths):
+            if error:
+                failed += 1
+                print(f"trainer.predict: {path}: {error}", file=sys.stderr)
+            else:
+                print(f"{path}\t{name}\t{prob:.4f}", flush=True)
+    except TrainerError as error:
+        print(f"trainer.predict: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if failed:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

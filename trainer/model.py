@@ -9,6 +9,7 @@ mode even when the top of the backbone is unfrozen for fine-tuning.
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 
@@ -47,7 +48,14 @@ def load_weights(backbone: keras.Model, path: str) -> None:
     if not path.endswith((".h5", ".hdf5")):
         raise TrainerError(f"model.weights={path}: expected {NOTOP_FILE} or a *.weights.h5 file")
     try:
-        backbone.load_weights(path)
+        # Keras 3 only warns when parts of a .weights.h5 match nothing ("Skipping ... retain their
+        # freshly-initialized weights"): a half-loaded backbone must be an error, not a warning.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backbone.load_weights(path)
+        skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
+        if skipped:
+            raise ValueError(skipped[0])
     except Exception as error:  # h5py, ValueError, KeyError...: all mean "not these weights"
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrainerError(

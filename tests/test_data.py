@@ -1,0 +1,166 @@
+"""Image folders: which files count, how classes are named, what bad input says, decoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import SMALL, corrupt_files, last_error_line, make_folders, run_trainer
+from trainer import TrainerError
+from trainer.data import (
+    decode_image,
+    drop_bad_images,
+    list_image_folder,
+    load_splits,
+)
+from trainer.synthetic import make_dataset
+
+
+def test_classes_are_sorted_folder_names_and_only_images_count(tmp_path):
+    for name in ["zebra", "Apple", "mango"]:
+        (tmp_path / name).mkdir()
+        for file in ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.GIF", "notes.txt", ".hidden.jpg"]:
+            (tmp_path / name / file).write_bytes(b"x")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "README.md").write_text("not a class")
+
+    found = list_image_folder(str(tmp_path), "data.train_dir")
+
+    assert list(found) == ["Apple", "mango", "zebra"]
+    assert [p.rsplit("/", 1)[-1] for p in found["mango"]] == [
+        "a.JPG",
+        "b.jpeg",
+        "c.Png",
+        "d.bmp",
+        "e.GIF",
+    ]
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({}, "need at least 2"),
+        ({"only": 2}, "need at least 2"),
+        ({"a": 2, "empty": 0}, "class folder 'empty' holds no images"),
+    ],
+)
+def test_unusable_training_folder_is_refused_naming_it(tmp_path, layout, message):
+    for name, count in layout.items():
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            (tmp_path / name / f"{i}.jpg").write_bytes(b"x")
+    with pytest.raises(TrainerError, match=message) as error:
+        list_image_folder(str(tmp_path), "data.train_dir")
+    assert str(tmp_path) in str(error.value)
+
+
+def test_test_class_missing_from_training_set_is_refused(tmp_path):
+    make_dataset(str(tmp_path / "train"), ["a", "b"], 2, min_size=8, max_size=8)
+    make_dataset(str(tmp_path / "test"), ["a", "b", "c"], 2, min_size=8, max_size=8)
+    with pytest.raises(TrainerError, match=r"\['c'\] not in data.train_dir"):
+        load_splits(str(tmp_path / "train"), str(tmp_path / "test"), 0.2, seed=0)
+
+
+def test_missing_folder_exits_2_naming_the_path(tmp_path):
+    result = run_trainer(f"data.train_dir={tmp_path}/nowhere", *SMALL, cwd=tmp_path)
+    assert result.returncode == 2
+    assert last_error_line(result) == (
+        f"trainer: error: data.train_dir={tmp_path}/nowhere: folder not found"
+    )
+
+
+def test_validation_split_is_seeded_per_class_and_disjoint(tmp_path):
+    make_dataset(str(tmp_path), ["a", "b"], 10, min_size=8, max_size=8)
+
+    classes, train, test = load_splits(str(tmp_path), None, 0.3, seed=7)
+    _, train_again, test_again = load_splits(str(tmp_path), None, 0.3, seed=7)
+    _, _, test_other = load_splits(str(tmp_path), None, 0.3, seed=8)
+
+    assert classes == ["a", "b"]
+    assert train.files == train_again.files and test.files == test_again.files
+    assert test.files != test_other.files
+    assert not set(train.files) & set(test.files)
+    assert len(train) + len(test) == 20
+    assert np.bincount(test.labels).tolist() == [3, 3]
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("RGB", "JPEG"),
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "GIF"),
+        ("RGB", "BMP"),
+        ("L", "PNG"),
+    ],
+)
+def test_every_colour_mode_decodes_to_rgb_at_the_configured_size(mode, fmt):
+    colour = (200, 40, 30)
+    image = Image.new("RGB", (50, 30), colour).convert(mode)
+    expected = np.asarray(image.convert("RGB"), dtype=np.float32).mean(axis=(0, 1))
+
+    pixels = decode_image(_encoded(image, fmt), 32).numpy()
+
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.float32
+    # Mean colours: JPEG is lossy and a GIF palette dithers, but the colour must survive.
+    np.testing.assert_allclose(pixels.mean(axis=(0, 1)), expected, atol=6)
+
+
+def test_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (20, 20), c) for c in [(250, 0, 0), (0, 0, 250)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    pixels = decode_image(buffer.getvalue(), 32).numpy()
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
+
+
+def test_undecodable_files_are_found_and_left_out(tmp_path, caplog):
+    train_dir, _ = make_folders(tmp_path, train=4, test=1)
+    bad = corrupt_files(train_dir / "dog")
+    _, split, _ = load_splits(str(train_dir), str(tmp_path / "test"), 0.2, seed=0)
+
+    with caplog.at_level("WARNING"):
+        kept = drop_bad_images(split, "training", fail=False)
+
+    assert len(kept) == 8 and not {str(p) for p in bad} & set(kept.files)
+    assert "skipping 3 undecodable image(s) in the training set" in caplog.text
+    for path in bad:
+        assert str(path) in caplog.text
+
+
+def test_corrupt_images_are_skipped_and_reported_by_the_job(trained_run):
+    log = trained_run.result.stdout
+    assert "skipping 3 undecodable image(s) in the training set" in log
+    for path in trained_run.bad_files:
+        assert f"skipped {path}" in log
+    assert trained_run.metrics["num_train"] == 80  # 2 x 40 good images; the 3 bad ones left out
+
+
+def test_on_bad_image_fail_exits_2_naming_the_file(tmp_path):
+    train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
+    (train_dir / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    result = run_trainer(
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "data.on_bad_image=fail",
+        f"output.dir={tmp_path}/out",
+        *SMALL,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    line = last_error_line(result)
+    assert line.startswith(f"trainer: error: {train_dir}/cat/broken.jpg: cannot decode image")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -1,0 +1,108 @@
+"""The exported run: SavedModel signatures called as TF Serving would, and the files beside it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from omegaconf import OmegaConf
+
+from tests.conftest import CLASSES
+from trainer.data import decode_image
+from trainer.export import replace_dir
+
+
+@pytest.fixture(scope="module")
+def signatures(trained_run):
+    return tf.saved_model.load(str(trained_run.out / "saved_model")).signatures
+
+
+def _test_images(trained_run):
+    files = sorted(trained_run.test_dir.glob("*/*.jpg"))
+    labels = [CLASSES.index(f.parent.name) for f in files]
+    return files, np.array(labels)
+
+
+def test_output_dir_has_the_documented_layout(trained_run):
+    names = {p.name for p in trained_run.out.iterdir()}
+    assert {
+        "saved_model",
+        "labels.txt",
+        "metrics.json",
+        "config.yaml",
+        "tensorboard",
+        "_SUCCESS",
+    } <= names
+    assert not [n for n in names if "partial" in n or n.endswith(".old")]
+    assert (trained_run.out / "labels.txt").read_text() == "cat\ndog\n"
+    metrics = trained_run.metrics
+    for key in [
+        "test_accuracy",
+        "test_loss",
+        "epochs",
+        "classes",
+        "num_train",
+        "num_test",
+        "wall_seconds",
+    ]:
+        assert key in metrics
+    config = OmegaConf.load(trained_run.out / "config.yaml")
+    assert config.data.image_size == 32 and config.output.dir == str(trained_run.out)
+
+
+def test_serving_default_classifies_jpeg_bytes(trained_run, signatures):
+    files, labels = _test_images(trained_run)
+    serve = signatures["serving_default"]
+    assert list(serve.structured_input_signature[1]) == ["image_bytes"]
+
+    out = serve(image_bytes=tf.constant([f.read_bytes() for f in files]))
+
+    assert out["probabilities"].dtype == tf.float32
+    assert out["probabilities"].shape == (len(files), 2)
+    assert out["class_id"].dtype == tf.int64 and out["class_name"].dtype == tf.string
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(out["class_id"].numpy() == labels) >= 0.95
+    names = [n.decode() for n in out["class_name"].numpy()]
+    assert names == [CLASSES[i] for i in out["class_id"].numpy()]
+
+
+def test_serving_default_takes_png_too(trained_run, signatures, tmp_path):
+    from PIL import Image
+
+    jpeg = sorted(trained_run.test_dir.glob("dog/*.jpg"))[0]
+    png = tmp_path / "dog.png"
+    Image.open(jpeg).save(png)
+    out = signatures["serving_default"](image_bytes=tf.constant([png.read_bytes()]))
+    assert out["class_name"].numpy()[0] == b"dog"
+
+
+def test_exported_model_reproduces_the_metrics_from_cached_features(trained_run, signatures):
+    """metrics.json was computed by the head on cached features; the exported full model
+    must give the same loss and accuracy from the pixels: the fast path is exact."""
+    files, labels = _test_images(trained_run)
+    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 32) for f in files])
+    probabilities = signatures["serving_pixels"](pixels=pixels)["probabilities"].numpy()
+
+    loss = -np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)))
+    accuracy = np.mean(probabilities.argmax(axis=1) == labels)
+    assert accuracy == trained_run.metrics["test_accuracy"]
+    assert loss == pytest.approx(trained_run.metrics["test_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_replacing_a_directory_leaves_no_partial_state(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "old.txt").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "new.txt").write_text("new")
+
+    replace_dir(str(tmp_path / "new"), str(tmp_path / "model"))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["new.txt"]
+
+
+def test_metrics_are_plain_json(trained_run):
+    text = (trained_run.out / "metrics.json").read_text()
+    assert json.loads(text)["confusion_matrix"] == trained_run.metrics["confusion_matrix"]

@@ -1,0 +1,43 @@
+"""`python -m trainer.predict`: one line per image, bad input named with exit code 2."""
+
+from __future__ import annotations
+
+from tests.conftest import last_error_line, run_module
+
+
+def test_predict_prints_path_class_and_probability_per_image(trained_run, tmp_path):
+    one = sorted(trained_run.test_dir.glob("cat/*.jpg"))[0]
+    result = run_module(
+        "trainer.predict",
+        str(trained_run.out),
+        str(one),
+        str(trained_run.test_dir / "dog"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert len(lines) == 1 + 16
+    assert lines[0][0] == str(one) and lines[0][1] == "cat"
+    dogs = [cls for _, cls, _ in lines[1:]]
+    assert dogs.count("dog") >= 15
+    assert all(0.5 <= float(p) <= 1.0 for _, _, p in lines)
+
+
+def test_predict_reports_a_bad_image_and_classifies_the_rest(trained_run, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"nope")
+    good = sorted(trained_run.test_dir.glob("dog/*.jpg"))[0]
+    result = run_module(
+        "trainer.predict", str(trained_run.out / "saved_model"), str(bad), str(good), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert f"{bad}: cannot decode image" in result.stderr
+    assert result.stdout.startswith(f"{good}\tdog\t")
+
+
+def test_predict_names_a_missing_model_dir(tmp_path):
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"x")
+    result = run_module("trainer.predict", str(tmp_path / "nomodel"), str(image), cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(tmp_path / "nomodel") in last_error_line(result)

@@ -1,0 +1,190 @@
+"""Training behaviour: accuracy, the exact fast path, augmentation, fine-tuning, gates, sweeps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+from omegaconf import OmegaConf
+
+from tests.conftest import CLASSES, SMALL, last_error_line, make_folders, run_trainer
+from trainer.data import image_dataset, load_splits
+from trainer.features import extract_features, feature_dataset
+from trainer.model import build_model, feature_extractor
+
+
+def test_separable_dataset_reaches_95_percent_test_accuracy(trained_run):
+    metrics = trained_run.metrics
+    assert metrics["test_accuracy"] >= 0.95
+    assert metrics["classes"] == CLASSES and metrics["num_test"] == 32
+    assert metrics["fast_path"] is True and metrics["epochs"] == 8
+    assert "epoch 8/8 (head on cached features)" in trained_run.result.stdout
+
+
+def test_backbone_runs_once_per_image_on_the_fast_path(trained_run):
+    log = trained_run.result.stdout
+    assert log.count("features cached: train set, 80 x 2048") == 1
+    assert log.count("features cached: test set, 32 x 2048") == 1
+    assert set(trained_run.metrics["timings"]) >= {"backbone_pass_s", "head_s", "export_s"}
+
+
+def _small_model_and_split(tmp_path):
+    train_dir, test_dir = make_folders(tmp_path, train=6, test=3)
+    _, _, test = load_splits(str(train_dir), str(test_dir), 0.2, seed=0)
+    keras.utils.set_random_seed(0)
+    return build_model(2, 32, None, 0.3), test
+
+
+def test_head_on_cached_features_equals_the_full_model(tmp_path):
+    """The fast path is exact: head(features) gives what the full model gives on the images."""
+    model, test = _small_model_and_split(tmp_path)
+    features = extract_features(feature_extractor(model), test, 32, 4, 64, str(tmp_path), "test")
+
+    on_features = model.get_layer("head").predict(feature_dataset(features, test.labels, 4))
+    on_images = model.predict(image_dataset(test, 32, 4))
+
+    np.testing.assert_allclose(on_features, on_images, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_cache_spills_to_disk_above_its_limit_with_the_same_values(tmp_path):
+    model, test = _small_model_and_split(tmp_path)
+    extractor = feature_extractor(model)
+    in_memory = extract_features(extractor, test, 32, 4, 64, str(tmp_path / "a"), "test")
+    spilled = extract_features(extractor, test, 32, 4, 0, str(tmp_path / "b"), "test")
+
+    assert isinstance(spilled, np.memmap) and not isinstance(in_memory, np.memmap)
+    assert (tmp_path / "b" / "test_features.npy").stat().st_size >= spilled.nbytes
+    np.testing.assert_allclose(spilled, in_memory, rtol=1e-5, atol=1e-6)
+    batches = [(x, y) for x, y in feature_dataset(spilled, test.labels, 4).as_numpy_iterator()]
+    np.testing.assert_allclose(np.concatenate([x for x, _ in batches]), in_memory, rtol=1e-5)
+    assert np.concatenate([y for _, y in batches]).tolist() == test.labels.tolist()
+
+
+def test_shuffled_feature_batches_keep_features_and_labels_together(tmp_path):
+    features = np.arange(10, dtype=np.float32)[:, None].repeat(2048, axis=1)
+    labels = np.arange(10, dtype=np.int64)
+    memmap = np.lib.format.open_memmap(tmp_path / "f.npy", "w+", np.float32, (10, 2048))
+    memmap[:] = features
+    for source in (features, memmap):
+        for x, y in feature_dataset(source, labels, 3, shuffle=True, seed=1).as_numpy_iterator():
+            assert x[:, 0].tolist() == y.tolist()
+
+
+def test_augmented_run_with_finetuning_trains_the_full_model_and_may_overwrite(
+    trained_run, tmp_path
+):
+    """data.augment=true: full forward each step; finetune_epochs: a second phase continues the
+    epoch count; output.overwrite=true replaces an earlier finished run."""
+    out = tmp_path / "out"
+    shutil.copytree(trained_run.out, out)
+    result = run_trainer(
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={out}",
+        "output.overwrite=true",
+        "data.augment=true",
+        "train.epochs=1",
+        "train.finetune_epochs=1",
+        *SMALL,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = result.stdout
+    assert "full forward each step (data.augment=true)" in log
+    assert "features cached" not in log
+    assert "fine-tuning: 33 backbone layers from conv5_block1_1_conv unfrozen" in log
+    assert "epoch 2/2 (fine-tune)" in log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fast_path"] is False and metrics["epochs"] == 2
+    assert "finetune_s" in metrics["timings"]
+    assert (out / "_SUCCESS").exists() and (out / "saved_model" / "saved_model.pb").exists()
+
+
+def test_finished_run_is_not_overwritten_without_asking(trained_run, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.out.rglob("*")}
+    result = run_trainer(
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={trained_run.out}",
+        *SMALL,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert last_error_line(result).startswith(f"trainer: error: output.dir={trained_run.out}:")
+    assert "output.overwrite=true" in last_error_line(result)
+    assert {p: p.stat().st_mtime_ns for p in trained_run.out.rglob("*")} == before
+
+
+def test_below_min_accuracy_exits_3_with_metrics_and_no_export(tmp_path):
+    # The same pictures in both classes: nothing to learn, so accuracy stays near chance.
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=6)
+    for split in (train_dir, test_dir):
+        shutil.rmtree(split / "dog")
+        shutil.copytree(split / "cat", split / "dog")
+    out = tmp_path / "out"
+    result = run_trainer(
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        f"output.dir={out}",
+        "train.epochs=2",
+        "train.min_accuracy=0.9",
+        *SMALL,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "below train.min_accuracy=0.9" in last_error_line(result)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] < 0.9
+    assert not (out / "saved_model").exists() and not (out / "_SUCCESS").exists()
+    # The misclassified images are what a user looks at next: they are in TensorBoard.
+    from tests.test_tensorboard import tags_by_run
+
+    assert "misclassified" in tags_by_run(out / "tensorboard")["validation"]
+
+
+def test_multirun_sweep_gives_each_run_its_own_directory(trained_run, tmp_path):
+    result = run_trainer(
+        "-m",
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        "train.learning_rate=1e-3,3e-3",
+        "train.epochs=1",
+        *SMALL,
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1"]
+    for run in runs:
+        assert (run / "_SUCCESS").exists() and (run / "saved_model" / "saved_model.pb").exists()
+        assert (run / "tensorboard").is_dir() and (run / "metrics.json").exists()
+    rates = [OmegaConf.load(run / "config.yaml").train.learning_rate for run in runs]
+    assert rates == [1e-3, 3e-3]
+
+
+def test_sweep_metric_is_the_test_accuracy(trained_run, tmp_path):
+    """`main()` returns test accuracy: what Hydra sweepers (Optuna, Nevergrad) optimize."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+    from trainer.__main__ import _hydra_main
+    from trainer.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"data.train_dir={trained_run.train_dir}",
+                f"data.test_dir={trained_run.test_dir}",
+                f"output.dir={tmp_path}/out",
+                "train.epochs=1",
+                *SMALL,
+            ],
+        )
+    accuracy = _hydra_main(cfg)  # hydra.main passes a given config straight to the task
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert accuracy == metrics["test_accuracy"]

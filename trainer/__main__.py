@@ -6,6 +6,7 @@ Composes the config, runs the job, maps errors to exit codes (2: bad config or d
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -64,8 +65,17 @@ def _config_error_line(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
+def sweep_point_overrides(environ=os.environ) -> list[str]:
+    """In a sweep's Indexed Job, this pod's overrides: scripts/submit.py puts every point's
+    override list in TRAINER_SWEEP (JSON) and Kubernetes sets JOB_COMPLETION_INDEX."""
+    if "TRAINER_SWEEP" not in environ or "JOB_COMPLETION_INDEX" not in environ:
+        return []
+    return json.loads(environ["TRAINER_SWEEP"])[int(environ["JOB_COMPLETION_INDEX"])]
+
+
 def main() -> None:
     """Console script `trainer`; the same as `python -m trainer`."""
+    sys.argv += sweep_point_overrides()
     # Hydra would print multi-line reports and exit 1; let errors reach us to give exit codes.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

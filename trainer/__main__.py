@@ -36,6 +36,7 @@ _CONF = (
 @hydra.main(version_base="1.3", config_path=_CONF, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from trainer.job import run
+    from trainer.train import Preempted
 
     # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
     try:
@@ -44,6 +45,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         _exit(2, f"trainer: error: {error}")
     except BelowMinAccuracy as error:
         _exit(3, f"trainer: {error}")
+    except Preempted as error:  # 128 + SIGTERM, as if the signal had ended us: the Job retries
+        _exit(143, f"trainer: stopped: {error}; run again with the same output.dir to resume")
 
 
 def _exit(code: int, line: str) -> None:

@@ -53,6 +53,7 @@ class TrainConfig:
     finetune_epochs: int = 0
     finetune_from: str = "conv5_block1_1_conv"
     finetune_learning_rate: float = 1e-5
+    backup_every_steps: int = 0  # 0: back up at each epoch's end; N: every N steps too
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     jit_compile: str = "auto"  # auto | true | false (XLA)
 
@@ -129,6 +130,12 @@ def validate(cfg: DictConfig) -> None:
         "train.feature_cache_max_mb",
         t.feature_cache_max_mb,
         "must be >= 0",
+    )
+    _check(
+        t.backup_every_steps >= 0,
+        "train.backup_every_steps",
+        t.backup_every_steps,
+        "must be >= 0 (0: at the end of each epoch)",
     )
     _check(t.finetune_epochs >= 0, "train.finetune_epochs", t.finetune_epochs, "must be >= 0")
     _check(

@@ -48,6 +48,11 @@ def run(cfg: DictConfig) -> dict:
     import keras
 
     from trainer.distribute import choose_strategy, is_chief
+    from trainer.train import SIGTERM
+
+    # Before this, SIGTERM's default action ends the process; from here on it ends training
+    # at a step boundary with a backup written (see trainer/train.py).
+    SIGTERM.install()
 
     keras.utils.set_random_seed(cfg.seed)
     strategy = choose_strategy(cfg.distribute.strategy.value, cfg.distribute.simulate_devices)
@@ -103,8 +108,17 @@ def _train_and_export(
 
     fast_path = not d.augment
     total_epochs = t.epochs + t.finetune_epochs
+    # Backups let a preempted pod's retry resume (train.backup_every_steps). Phase 1's end is
+    # kept as full-model weights, so a retry during fine-tuning skips phase 1 altogether.
+    backup_root = os.path.join(out_dir, "backup")
+    phase1_done = os.path.join(backup_root, "phase1_done.weights.h5")
+    backups = {"backup_every_steps": t.backup_every_steps}
     phase_started = time.perf_counter()
-    if fast_path:
+    if t.finetune_epochs and os.path.exists(phase1_done):
+        model.load_weights(phase1_done)
+        fast_path = False  # the final evaluation runs on images: the backbone will change
+        log.info("phase 1 finished before a restart: resuming from %s", phase1_done)
+    elif fast_path:
         log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
         with strategy.scope():
             extractor = feature_extractor(model)
@@ -128,6 +142,8 @@ def _train_and_export(
             total_epochs=total_epochs,
             log_dir=log_dir,
             phase="head on cached features",
+            backup_dir=os.path.join(backup_root, "head"),
+            **backups,
             extra_callbacks=sync,
         )
         timings["head_s"] = time.perf_counter() - phase_started
@@ -143,11 +159,17 @@ def _train_and_export(
             total_epochs=total_epochs,
             log_dir=log_dir,
             phase="head",
+            backup_dir=os.path.join(backup_root, "head"),
+            **backups,
             extra_callbacks=sync,
         )
         timings["head_s"] = time.perf_counter() - phase_started
 
     if t.finetune_epochs:
+        if not os.path.exists(phase1_done):
+            os.makedirs(backup_root, exist_ok=True)
+            model.save_weights(phase1_done)
+            output.sync()
         phase_started = time.perf_counter()
         with strategy.scope():
             unfrozen = unfreeze_from(model, t.finetune_from)
@@ -167,6 +189,8 @@ def _train_and_export(
             total_epochs=total_epochs,
             log_dir=log_dir,
             phase="fine-tune",
+            backup_dir=os.path.join(backup_root, "finetune"),
+            **backups,
             extra_callbacks=sync,
         )
         timings["finetune_s"] = time.perf_counter() - phase_started
@@ -238,6 +262,7 @@ def _train_and_export(
     log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
 
     if t.min_accuracy is not None and metrics["test_accuracy"] < t.min_accuracy:
+        shutil.rmtree(backup_root, ignore_errors=True)
         raise BelowMinAccuracy(
             f"test accuracy {metrics['test_accuracy']:.4f} is below train.min_accuracy="
             f"{t.min_accuracy}: metrics written to {out_dir}/metrics.json, model not exported"
@@ -250,6 +275,7 @@ def _train_and_export(
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_run_files(out_dir, classes, metrics, config_yaml)
+    shutil.rmtree(backup_root, ignore_errors=True)  # finished: a retry must not resume it
     if chief:
         output.publish()
         where = output.uri

@@ -1,9 +1,12 @@
-"""Compile, fit, callbacks, evaluation."""
+"""Compile, fit, callbacks (per-epoch log, backups, SIGTERM), evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -41,6 +44,87 @@ class EpochLog(keras.callbacks.Callback):
         )
 
 
+class Preempted(Exception):
+    """SIGTERM (node preemption, eviction, `kubectl delete`): stopped after flushing a backup.
+    The process exits 143 and the Job's retry resumes from the backup."""
+
+
+class _Sigterm:
+    """Outside `fit`, SIGTERM stops the job at once; inside, at the next step boundary, so the
+    backup written on the way out is a consistent one."""
+
+    def __init__(self):
+        self.requested = False
+        self.in_fit = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if not self.in_fit:
+            raise Preempted("SIGTERM received")
+
+    @contextlib.contextmanager
+    def during_fit(self):
+        self.in_fit = True
+        try:
+            if self.requested:
+                raise Preempted("SIGTERM received")
+            yield
+        finally:
+            self.in_fit = False
+
+
+SIGTERM = _Sigterm()
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, plus: the epoch being trained is recorded from its first step
+    (Keras only advances it at epoch end, so a mid-epoch backup after a resume would point back
+    to epoch 0), a save on demand, and a log line when a run resumes."""
+
+    def __init__(self, backup_dir: str, every_steps: int, phase: str):
+        super().__init__(backup_dir, save_freq=every_steps or "epoch", double_checkpoint=True)
+        self.phase = phase
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        resumed = getattr(self.model, "_initial_epoch", None)
+        if resumed:
+            log.info(
+                "resuming %s from the backup in %s at epoch %d",
+                self.phase,
+                self.backup_dir,
+                resumed + 1,
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+
+    def save_now(self) -> None:
+        self._save_model()
+
+
+class StopOnSigterm(keras.callbacks.Callback):
+    """After the step in which SIGTERM arrived: write the backup, flush TensorBoard, stop."""
+
+    def __init__(self, backup: Backup, tensorboard: keras.callbacks.TensorBoard):
+        super().__init__()
+        self.backup = backup
+        self.tensorboard = tensorboard
+
+    def on_train_batch_end(self, batch, logs=None):
+        if SIGTERM.requested:
+            self.backup.save_now()
+            for name in ("_train_writer", "_val_writer"):  # Keras keeps its writers private
+                writer = self.tensorboard.__dict__.get(name)
+                if writer is not None:
+                    writer.flush()
+            raise Preempted(f"SIGTERM received; backup written to {self.backup.backup_dir}")
+
+
 def fit(
     model: keras.Model,
     train_data,
@@ -52,29 +136,34 @@ def fit(
     total_epochs: int,
     log_dir: str,
     phase: str,
+    backup_dir: str | None = None,
+    backup_every_steps: int = 0,
     extra_callbacks: list | None = None,
 ) -> keras.callbacks.History:
     """(Re)compile `model` with Adam at `learning_rate`, train `epochs` more epochs, evaluating on
-    `test_data` after each. Recompiling is what makes changed `trainable` flags take effect."""
+    `test_data` after each. Recompiling is what makes changed `trainable` flags take effect.
+    With `backup_dir`, the state is backed up every `backup_every_steps` (0: every epoch) and a
+    run that finds a backup there resumes from it."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
     )
-    callbacks = [
-        keras.callbacks.TensorBoard(log_dir, write_graph=False),
-        EpochLog(total_epochs, phase),
-        *(extra_callbacks or []),
-    ]
-    return model.fit(
-        train_data,
-        validation_data=test_data,
-        initial_epoch=initial_epoch,
-        epochs=initial_epoch + epochs,
-        callbacks=callbacks,
-        shuffle=False,  # the datasets shuffle themselves, every epoch
-        verbose=1 if sys.stdout.isatty() else 0,  # progress bar for people, log lines for logs
-    )
+    tensorboard = keras.callbacks.TensorBoard(log_dir, write_graph=False)
+    callbacks = [tensorboard, EpochLog(total_epochs, phase), *(extra_callbacks or [])]
+    if backup_dir is not None:
+        backup = Backup(backup_dir, backup_every_steps, phase)
+        callbacks += [backup, StopOnSigterm(backup, tensorboard)]
+    with SIGTERM.during_fit():
+        return model.fit(
+            train_data,
+            validation_data=test_data,
+            initial_epoch=initial_epoch,
+            epochs=initial_epoch + epochs,
+            callbacks=callbacks,
+            shuffle=False,  # the datasets shuffle themselves, every epoch
+            verbose=1 if sys.stdout.isatty() else 0,  # progress bar for people, lines for logs
+        )
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

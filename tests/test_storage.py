@@ -126,6 +126,15 @@ def test_access_denied_names_the_iam_role(gcs_bucket, images, proxy, tmp_path):
         Output(f"gs://{gcs_bucket}/run", False, str(tmp_path), 0).check()
 
 
+def test_missing_credentials_say_how_to_provide_them(tmp_path, monkeypatch):
+    # No emulator: the real ADC path, which fails before any request is sent.
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(TrainerError, match="GOOGLE_APPLICATION_CREDENTIALS") as error:
+        stage_prefix("gs://some-bucket/train", str(tmp_path), "data.train_dir")
+    assert str(error.value).startswith("data.train_dir=gs://some-bucket/train: ")
+
+
 def test_transient_errors_while_staging_are_retried(emulator, gcs_bucket, images, proxy, tmp_path):
     count = emulator.upload_dir(images, f"gs://{gcs_bucket}/train")
     proxy.fail(503, times=4, methods=("GET",))

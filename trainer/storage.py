@@ -113,7 +113,7 @@ def _user_errors(uri: str, key: str, role: str, not_found: str = "") -> Iterator
     """Turn what the user must fix (no credentials, 401/403, no bucket) into one TrainerError;
     `not_found` says what a 404 means where it is not the bucket."""
     from google.api_core import exceptions
-    from google.auth.exceptions import DefaultCredentialsError
+    from google.auth.exceptions import DefaultCredentialsError, RefreshError
 
     bucket = split_uri(uri, key)[0]
     try:
@@ -122,6 +122,12 @@ def _user_errors(uri: str, key: str, role: str, not_found: str = "") -> Iterator
         raise TrainerError(
             f"{key}={uri}: no Google Cloud credentials: on GKE use Workload Identity, elsewhere"
             " set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
+        ) from error
+    except RefreshError as error:
+        raise TrainerError(
+            f"{key}={uri}: could not get an access token ({' '.join(str(error).split())}):"
+            " check the Workload Identity"
+            " binding of the pod's Kubernetes service account, or GOOGLE_APPLICATION_CREDENTIALS"
         ) from error
     except (exceptions.Forbidden, exceptions.Unauthorized) as error:
         raise TrainerError(

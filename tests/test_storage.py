@@ -237,6 +237,30 @@ def test_emulator_stopped_during_publish_leaves_no_success(spare_emulator, tmp_p
     assert "_SUCCESS" not in own.names("gs://stopped/run")
 
 
+def test_sync_failing_during_training_is_logged_and_training_goes_on(
+    emulator, gcs_bucket, proxy, tmp_path, caplog
+):
+    uri = f"gs://{gcs_bucket}/runs/blip"
+    output = _prepared_output(uri, tmp_path, retry_seconds=1)
+    proxy.fail(503, methods=("POST", "PUT"))
+    output.sync()  # an epoch end: must not raise, publish sends everything again
+    assert "sync to" in caplog.text and "failed" in caplog.text
+    proxy.heal()
+    output.publish()
+    assert "_SUCCESS" in emulator.names(uri)
+
+
+def test_a_run_that_stops_before_publish_uploads_what_it_wrote_but_no_success(
+    emulator, gcs_bucket, tmp_path
+):
+    uri = f"gs://{gcs_bucket}/runs/below-target"
+    output = _prepared_output(uri, tmp_path)  # e.g. exit 3: metrics written, no export
+    output.close()
+    names = emulator.names(uri)
+    assert {"metrics.json", "labels.txt", "tensorboard/train/events.out.tfevents.1"} <= set(names)
+    assert "_SUCCESS" not in names and not any(n.startswith("saved_model") for n in names)
+
+
 def test_a_published_run_is_kept_unless_overwrite(emulator, gcs_bucket, tmp_path):
     uri = f"gs://{gcs_bucket}/runs/done"
     output = _prepared_output(uri, tmp_path)

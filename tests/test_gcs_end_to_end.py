@@ -144,7 +144,7 @@ def test_a_second_run_into_a_published_output_dir_exits_2_and_changes_nothing(
             "data.train_dir=gs://no-such-bucket-e2e/train",
             "bucket gs://no-such-bucket-e2e not found",
         ),
-        ("data.train_dir=gs://e2e-data/no/such/prefix", "no objects under this prefix"),
+        ("data.train_dir=gs://e2e-data/no/such/prefix", "no objects (.jpg, .jpeg"),
         ("output.dir=gs://no-such-bucket-e2e/run", "bucket gs://no-such-bucket-e2e not found"),
     ],
 )

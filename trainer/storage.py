@@ -225,14 +225,16 @@ def stage_prefix(
     keep: Callable[[str], bool] = lambda name: True,
     workers: int = WORKERS,
     retry_seconds: float = RETRY_SECONDS,
+    what: str = "objects",
 ) -> StageReport:
     """Make `local_dir` hold the objects under `uri` (those `keep` accepts), downloading in
-    parallel only what is missing or changed. TrainerError when the prefix holds nothing."""
+    parallel only what is missing or changed. TrainerError when the prefix holds none of
+    `what`."""
     started = time.perf_counter()  # the report's seconds cover listing and checking too
     objects = _list(uri, key, keep, retry_seconds)
     if not objects:
         raise TrainerError(
-            f"{key}={uri}: no objects under this prefix: check the path (gcloud storage ls {uri})"
+            f"{key}={uri}: no {what} under this prefix: check the path (gcloud storage ls {uri})"
         )
     os.makedirs(local_dir, exist_ok=True)
     _remove_stale(local_dir, set(objects))
@@ -319,7 +321,8 @@ def stage_dir(uri: str, cache_dir: str, key: str, workers: int = WORKERS) -> str
     if not is_gcs(uri):
         return uri
     local = _cache_path(cache_dir, "inputs", uri)
-    stage_prefix(uri, local, key, keep=_is_image, workers=workers)
+    what = f"objects ({', '.join(IMAGE_EXTENSIONS)})"
+    stage_prefix(uri, local, key, keep=_is_image, workers=workers, what=what)
     return local
 
 

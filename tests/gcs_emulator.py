@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -23,8 +24,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -207,6 +206,7 @@ def emulator():
     os.environ["STORAGE_EMULATOR_HOST"] = server.url
     yield server
     server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
     if previous is None:
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:

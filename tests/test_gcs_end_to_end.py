@@ -1,0 +1,170 @@
+"""`python -m trainer` and `python -m trainer.predict` with every path on gs://, against a GCS
+emulator on loopback, the way a user on GKE runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.synthetic import make_dataset
+
+pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog"]
+SMALL = ["data.image_size=32", "data.batch_size=16", "train.epochs=2"]
+
+
+def run_module(module: str, *args: str, cwd: Path, emulator_url: str, timeout: int = 300):
+    """`python -m module args...` with this checkout first and the emulator as GCS."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["STORAGE_EMULATOR_HOST"] = emulator_url
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def last_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="module")
+def gcs_run(emulator, tmp_path_factory):
+    """One run with data, weights and output.dir on gs://; (bucket, output uri, data, result)."""
+    root = tmp_path_factory.mktemp("gcs_run")
+    make_dataset(str(root / "train"), CLASSES, 12, min_size=40, max_size=56, seed=1)
+    make_dataset(str(root / "test"), CLASSES, 6, min_size=40, max_size=56, seed=2)
+    import keras
+
+    weights = root / "weights" / "backbone.weights.h5"
+    weights.parent.mkdir()
+    keras.applications.ResNet50(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", name="backbone"
+    ).save_weights(str(weights))
+    bucket = "e2e-data"
+    emulator.client().create_bucket(bucket)
+    for folder in ("train", "test", "weights"):
+        emulator.upload_dir(root / folder, f"gs://{bucket}/hotdog/{folder}")
+    out = f"gs://{bucket}/runs/first"
+    result = run_module(
+        "trainer",
+        f"data.train_dir=gs://{bucket}/hotdog/train",
+        f"data.test_dir=gs://{bucket}/hotdog/test",
+        f"model.weights=gs://{bucket}/hotdog/weights/backbone.weights.h5",
+        f"output.dir={out}",
+        f"storage.cache_dir={root / 'cache'}",
+        "storage.sync_seconds=1",
+        *SMALL,
+        cwd=root,
+        emulator_url=emulator.url,
+    )
+    return bucket, out, root, result
+
+
+def test_run_with_everything_on_gcs_publishes_a_servable_model(emulator, gcs_run, tmp_path):
+    bucket, out, root, result = gcs_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "staging gs://e2e-data/hotdog/train: 24 objects" in result.stdout + result.stderr
+    names = emulator.names(out)
+    for expected in ("_SUCCESS", "labels.txt", "metrics.json", "config.yaml"):
+        assert expected in names
+    assert "saved_model/saved_model.pb" in names
+    assert any(n.startswith("tensorboard/") and ".tfevents." in n for n in names)
+    blobs = list(emulator.client().list_blobs(bucket, prefix="runs/first/"))
+    success = next(b for b in blobs if b.name.endswith("/_SUCCESS"))
+    assert all(b.generation < success.generation for b in blobs if b is not success)
+
+    local = tmp_path / "model"
+    client = emulator.client()
+    for name in names:
+        if name.startswith("saved_model/"):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            client.bucket(bucket).blob(f"runs/first/{name}").download_to_filename(local / name)
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(local / "saved_model")).signatures["serving_default"]
+    jpeg = next((root / "test" / "cat").glob("*.jpg")).read_bytes()
+    answer = serve(image_bytes=tf.constant([jpeg, jpeg]))
+    assert answer["probabilities"].shape == (2, 2)
+    assert {n.decode() for n in answer["class_name"].numpy()} <= set(CLASSES)
+
+
+def test_predict_classifies_with_a_model_on_gcs(emulator, gcs_run, tmp_path):
+    bucket, out, root, result = gcs_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = next((root / "test" / "dog").glob("*.jpg"))
+    predicted = run_module(
+        "trainer.predict",
+        f"{out}/saved_model",
+        str(image),
+        cwd=tmp_path,
+        emulator_url=emulator.url,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    path, name, probability = predicted.stdout.strip().split("\t")
+    assert path == str(image) and name in CLASSES and 0.0 <= float(probability) <= 1.0
+
+
+def test_a_second_run_into_a_published_output_dir_exits_2_and_changes_nothing(
+    emulator, gcs_run, tmp_path
+):
+    bucket, out, root, _ = gcs_run
+    before = {b.name: b.generation for b in emulator.client().list_blobs(bucket, prefix="runs/")}
+    result = run_module(
+        "trainer",
+        f"data.train_dir=gs://{bucket}/hotdog/train",
+        f"output.dir={out}",
+        f"storage.cache_dir={tmp_path / 'cache'}",
+        *SMALL,
+        cwd=tmp_path,
+        emulator_url=emulator.url,
+    )
+    assert result.returncode == 2
+    assert last_error_line(result).startswith(f"trainer: error: output.dir={out}: holds")
+    after = {b.name: b.generation for b in emulator.client().list_blobs(bucket, prefix="runs/")}
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        (
+            "data.train_dir=gs://no-such-bucket-e2e/train",
+            "bucket gs://no-such-bucket-e2e not found",
+        ),
+        ("data.train_dir=gs://e2e-data/no/such/prefix", "no objects (.jpg, .jpeg"),
+        ("output.dir=gs://no-such-bucket-e2e/run", "bucket gs://no-such-bucket-e2e not found"),
+    ],
+)
+def test_missing_bucket_or_prefix_exits_2_naming_the_uri(
+    emulator, gcs_run, tmp_path, override, says
+):
+    key, uri = override.split("=", 1)
+    defaults = {
+        "data.train_dir": "gs://e2e-data/hotdog/train",
+        "output.dir": str(tmp_path / "out"),
+    }
+    defaults[key] = uri
+    result = run_module(
+        "trainer",
+        *(f"{k}={v}" for k, v in defaults.items()),
+        f"storage.cache_dir={tmp_path / 'cache'}",
+        *SMALL,
+        cwd=tmp_path,
+        emulator_url=emulator.url,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = last_error_line(result)
+    assert line.startswith(f"trainer: error: {key}={uri}: ") and says in line

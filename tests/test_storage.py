@@ -290,3 +290,35 @@ def test_predict_stages_a_finished_run_only(emulator, gcs_bucket, tmp_path):
     assert (local / "saved_model" / "saved_model.pb").read_bytes() == b"pb"
     direct = Path(stage_model_dir(f"{uri}/saved_model", str(tmp_path / "models")))
     assert (direct / "variables" / "variables.index").read_bytes() == b"index"
+
+
+def test_a_preempted_run_is_resumed_from_its_synced_backup_which_goes_once_published(
+    emulator, gcs_bucket, tmp_path
+):
+    """A retried pod has a new, empty disk: the backup comes back from output.dir."""
+    uri = f"gs://{gcs_bucket}/runs/preempted"
+    first = Output(uri, False, str(tmp_path / "pod1"), 0)
+    first.prepare()
+    backup = {
+        "backup/head/training_metadata.json": b'{"epoch": 3, "batch": 0}',
+        "backup/head/latest.weights.h5": b"weights",
+        "metrics.json": b"{}",
+    }
+    _run_dir(Path(first.local_dir), backup)
+    first.close()  # SIGTERM: the job stops, close() pushes what exists
+    assert {"backup/head/training_metadata.json", "metrics.json"} <= set(emulator.names(uri))
+
+    retry = Output(uri, False, str(tmp_path / "pod2"), 0)
+    retry.prepare()  # not refused although metrics.json is there: the run never finished
+    local = Path(retry.local_dir)
+    assert (
+        local / "backup/head/training_metadata.json"
+    ).read_bytes() == b'{"epoch": 3, "batch": 0}'
+    assert not (local / "metrics.json").exists()
+
+    _run_dir(local, RUN_FILES)
+    retry.publish()
+    retry.close()
+    names = emulator.names(uri)
+    assert "_SUCCESS" in names and not [n for n in names if n.startswith("backup/")]
+    assert not (local / "backup").exists()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import BelowMinAccuracy
 from trainer.config import validate
 from trainer.data import drop_bad_images, load_splits
-from trainer.storage import Output, stage_dir, stage_file
+from trainer.storage import BACKUP, Output, stage_dir, stage_file
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _train_and_export(
     total_epochs = t.epochs + t.finetune_epochs
     # Backups let a preempted pod's retry resume (train.backup_every_steps). Phase 1's end is
     # kept as full-model weights, so a retry during fine-tuning skips phase 1 altogether.
-    backup_root = os.path.join(out_dir, "backup")
+    backup_root = os.path.join(out_dir, BACKUP)
     phase1_done = os.path.join(backup_root, "phase1_done.weights.h5")
     backups = {"backup_every_steps": t.backup_every_steps}
     phase_started = time.perf_counter()
@@ -262,7 +262,8 @@ def _train_and_export(
     log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
 
     if t.min_accuracy is not None and metrics["test_accuracy"] < t.min_accuracy:
-        shutil.rmtree(backup_root, ignore_errors=True)
+        if chief:
+            output.remove_backup()  # finished, if below target: a retry must not resume it
         raise BelowMinAccuracy(
             f"test accuracy {metrics['test_accuracy']:.4f} is below train.min_accuracy="
             f"{t.min_accuracy}: metrics written to {out_dir}/metrics.json, model not exported"
@@ -275,9 +276,8 @@ def _train_and_export(
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_run_files(out_dir, classes, metrics, config_yaml)
-    shutil.rmtree(backup_root, ignore_errors=True)  # finished: a retry must not resume it
     if chief:
-        output.publish()
+        output.publish()  # and then removes the backup: a finished run is not resumed
         where = output.uri
         log.info("exported to %s/saved_model", where)
         log.info("TensorBoard logs: tensorboard --logdir %s/tensorboard", where)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FINISHED_MARKERS = ("_SUCCESS", "saved_model", "metrics.json")
 OUTPUTS = ("_SUCCESS", "saved_model", "metrics.json", "labels.txt", "config.yaml", "tensorboard")
+BACKUP = "backup"  # training state of an unfinished run (see trainer/train.py); removed at the end
 WORKERS = 16  # parallel transfers: small images are latency-bound, so threads overlap the waits
 RETRY_SECONDS = 120.0  # how long a transient error (429, 5xx, reset, timeout) is retried
 PROGRESS_SECONDS = 5.0
@@ -423,9 +424,10 @@ class Output:
 
     def check(self) -> list[str]:
         """Refuse (TrainerError) a finished run at output.dir unless `overwrite`; read-only.
-        Returns the finished-run markers found."""
+        Returns the finished-run markers found. A run that left a backup is unfinished (it was
+        stopped, e.g. preempted, before publishing): it is resumed, not refused."""
         found = self._remote_markers() if self.remote else self._local_markers()
-        if found and not self.overwrite:
+        if found and not self.overwrite and not self.has_backup():
             raise TrainerError(
                 f"output.dir={self.uri}: holds the outputs of an earlier run ({', '.join(found)});"
                 " choose another output.dir or pass output.overwrite=true to replace them"
@@ -449,18 +451,41 @@ class Output:
             names |= {p[len(start) :].rstrip("/") for p in pages.prefixes}
         return [m for m in FINISHED_MARKERS if m in names]
 
+    def has_backup(self) -> bool:
+        """Whether output.dir holds the backup of an unfinished run."""
+        if not self.remote:
+            return os.path.isdir(os.path.join(self.local_dir, BACKUP))
+        bucket, prefix = split_uri(self.uri, "output.dir")
+        with _user_errors(self.uri, "output.dir", WRITER_ROLE):
+            blobs = client().list_blobs(
+                bucket,
+                prefix=_join(prefix, BACKUP) + "/",
+                max_results=1,
+                retry=retry(self.retry_seconds),
+            )
+            return next(iter(blobs), None) is not None
+
     def prepare(self) -> None:
         """On the chief: `check`, then clear an earlier run's outputs (only with `overwrite`);
-        for gs://, start the background sync."""
+        for gs://, fetch an unfinished run's backup and start the background sync."""
         found = self.check()
+        resume = not self.overwrite and self.has_backup()
         if self.remote:
-            if found:
+            if found and self.overwrite:
                 self._delete_remote_outputs()
             # The working folder is scratch: an earlier attempt's files must not be uploaded
-            # as this run's.
+            # as this run's. Only the backup comes back, to resume from.
             shutil.rmtree(self.local_dir, ignore_errors=True)
-        else:
-            for name in OUTPUTS if found else ():
+            if resume:
+                stage_prefix(
+                    f"{self.uri}/{BACKUP}",
+                    os.path.join(self.local_dir, BACKUP),
+                    "output.dir",
+                    retry_seconds=self.retry_seconds,
+                    what="backup files",
+                )
+        elif self.overwrite:
+            for name in (*OUTPUTS, BACKUP):
                 path = os.path.join(self.local_dir, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -477,7 +502,7 @@ class Output:
         with _user_errors(self.uri, "output.dir", WRITER_ROLE):
             gcs = client()
             # _SUCCESS first: from here on no reader takes the old outputs for a finished run.
-            for name in OUTPUTS:
+            for name in (*OUTPUTS, BACKUP):
                 path = _join(prefix, name)
                 blobs = list(gcs.list_blobs(bucket, prefix=path, retry=retry(self.retry_seconds)))
                 for blob in blobs:
@@ -550,6 +575,7 @@ class Output:
         if not self.remote:
             with open(success, "w"):
                 pass
+            self.remove_backup()
             return
         self._stop_thread()
         started = time.perf_counter()
@@ -562,12 +588,27 @@ class Output:
         with open(success, "w"):
             pass
         self._published = True
+        self.remove_backup()
         log.info(
             "published %s: %d files uploaded in %.1f s, _SUCCESS last",
             self.uri,
             uploaded,
             time.perf_counter() - started,
         )
+
+    def remove_backup(self) -> None:
+        """A finished run's backup goes (locally and at output.dir): a retry must not resume it.
+        Removed after `_SUCCESS`, so a stop in between leaves a run that still counts as done."""
+        with self._lock:
+            shutil.rmtree(os.path.join(self.local_dir, BACKUP), ignore_errors=True)
+            self._uploaded = {k: v for k, v in self._uploaded.items() if k.split("/")[0] != BACKUP}
+        if not self.remote:
+            return
+        bucket, prefix = split_uri(self.uri, "output.dir")
+        with _user_errors(self.uri, "output.dir", WRITER_ROLE):
+            start = _join(prefix, BACKUP) + "/"
+            for blob in client().list_blobs(bucket, prefix=start, retry=retry(self.retry_seconds)):
+                blob.delete(retry=retry(self.retry_seconds))
 
     def _stop_thread(self) -> None:
         self._stop.set()

@@ -3,41 +3,24 @@ emulator on loopback, the way a user on GKE runs them."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import conftest
+from tests.conftest import CLASSES, last_error_line, trainer_env
 from trainer.synthetic import make_dataset
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["cat", "dog"]
 SMALL = ["data.image_size=32", "data.batch_size=16", "train.epochs=2"]
 
 
-def run_module(module: str, *args: str, cwd: Path, emulator_url: str, timeout: int = 300):
-    """`python -m module args...` with this checkout first and the emulator as GCS."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["STORAGE_EMULATOR_HOST"] = emulator_url
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def run_module(module: str, *args: str, cwd: Path, emulator_url: str):
+    """`python -m module args...` as conftest runs it, with the emulator as GCS."""
+    return conftest.run_module(
+        module, *args, cwd=cwd, env=trainer_env(STORAGE_EMULATOR_HOST=emulator_url)
     )
-
-
-def last_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ class TrainConfig:
 class DistributeConfig:
     strategy: Strategy = Strategy.auto
     simulate_devices: int | None = None
+    timeout_seconds: int = 600  # multi_worker: give up on a worker lost this long (0: never)
 
 
 @dataclass
@@ -137,6 +138,19 @@ def validate(cfg: DictConfig) -> None:
         t.finetune_learning_rate,
         "must be > 0",
     )
+    _check(
+        t.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+        "train.precision",
+        t.precision,
+        "must be auto, float32, mixed_float16 or mixed_bfloat16",
+    )
+    _check(
+        str(t.jit_compile).lower() in ("auto", "true", "false"),
+        "train.jit_compile",
+        t.jit_compile,
+        "must be auto, true or false",
+    )
+    _check(dist.timeout_seconds >= 0, "distribute.timeout_seconds", dist.timeout_seconds, ">= 0")
     if dist.simulate_devices is not None:
         _check(
             dist.simulate_devices >= 1,

@@ -47,10 +47,14 @@ def run(cfg: DictConfig) -> dict:
     # TensorFlow is imported only now: config and folder errors above answer in a second.
     import keras
 
-    from trainer.distribute import choose_strategy, is_chief
+    from trainer.distribute import choose_precision, choose_strategy, is_chief
 
+    # The strategy first: simulated devices and the multi-worker runtime must be set up before
+    # TensorFlow runs anything (seeding included).
+    dist = cfg.distribute
+    strategy = choose_strategy(dist.strategy.value, dist.simulate_devices, dist.timeout_seconds)
     keras.utils.set_random_seed(cfg.seed)
-    strategy = choose_strategy(cfg.distribute.strategy.value, cfg.distribute.simulate_devices)
+    choose_precision(cfg.train.precision)
     chief = is_chief(strategy)
     # Only the chief writes output.dir; other workers write to a private directory, removed at
     # the end (Keras' callbacks and the export need somewhere to write on every worker).
@@ -75,10 +79,11 @@ def _train_and_export(
 
     from trainer import tensorboard
     from trainer.data import image_dataset
+    from trainer.distribute import choose_jit_compile, worker_shard
     from trainer.export import export_saved_model, write_run_files
-    from trainer.features import extract_features, feature_dataset
+    from trainer.features import extract_features, feature_dataset, predict_files
     from trainer.model import build_model, feature_extractor, unfreeze_from
-    from trainer.train import evaluate, fit
+    from trainer.train import evaluate, fit, predict_in_batches
 
     d, m, t = cfg.data, cfg.model, cfg.train
     fail = d.on_bad_image.value == "fail"
@@ -88,6 +93,8 @@ def _train_and_export(
     replicas = strategy.num_replicas_in_sync
     batch = d.batch_size * replicas
     log.info("batch size: %d per replica x %d replica(s) = %d", d.batch_size, replicas, batch)
+    workers = worker_shard(strategy)  # (count, index): each worker decodes its share of files
+    jit_compile = choose_jit_compile(t.jit_compile)
     log_dir = os.path.join(out_dir, "tensorboard")
     timings: dict[str, float] = {}
     sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]
@@ -111,7 +118,7 @@ def _train_and_export(
         spill = os.path.join(out_dir, ".feature_cache")
         features = {
             name: extract_features(
-                extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name
+                extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name, workers
             )
             for name, split in (("train", train), ("test", test))
         }
@@ -120,7 +127,9 @@ def _train_and_export(
         head = model.get_layer("head")
         fit(
             head,
-            feature_dataset(features["train"], train.labels, batch, shuffle=True, seed=cfg.seed),
+            feature_dataset(
+                features["train"], train.labels, batch, shuffle=True, seed=cfg.seed, epochs=t.epochs
+            ),
             feature_dataset(features["test"], test.labels, batch),
             learning_rate=t.learning_rate,
             epochs=t.epochs,
@@ -129,6 +138,8 @@ def _train_and_export(
             log_dir=log_dir,
             phase="head on cached features",
             extra_callbacks=sync,
+            steps_per_epoch=-(-len(train) // batch),
+            jit_compile=jit_compile,
         )
         timings["head_s"] = time.perf_counter() - phase_started
     else:
@@ -144,6 +155,7 @@ def _train_and_export(
             log_dir=log_dir,
             phase="head",
             extra_callbacks=sync,
+            jit_compile=jit_compile,
         )
         timings["head_s"] = time.perf_counter() - phase_started
 
@@ -168,17 +180,17 @@ def _train_and_export(
             log_dir=log_dir,
             phase="fine-tune",
             extra_callbacks=sync,
+            jit_compile=jit_compile,
         )
         timings["finetune_s"] = time.perf_counter() - phase_started
 
     # Final evaluation: on cached features when the backbone never changed (same numbers the
     # full model gives, without another backbone pass), else on images.
+    # Both give every worker all test predictions, in order.
     if fast_path and not t.finetune_epochs:
-        probabilities = model.get_layer("head").predict(
-            feature_dataset(features["test"], test.labels, batch), verbose=0
-        )
+        probabilities = predict_in_batches(model.get_layer("head"), features["test"], batch)
     else:
-        probabilities = model.predict(test_images, verbose=0)
+        probabilities = predict_files(model, test, d.image_size, batch, workers)
     shutil.rmtree(os.path.join(out_dir, ".feature_cache"), ignore_errors=True)
     result = evaluate(np.asarray(probabilities), test.labels, len(classes))
     predicted = result.pop("predicted")

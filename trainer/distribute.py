@@ -178,7 +178,7 @@ def _multi_worker_strategy(tf_config: dict, timeout_seconds: int) -> tf.distribu
     about 10 s); and each collective op gives up after `timeout_seconds` (a worker that hangs
     but still sends heartbeats). The error then ends every process with a non-zero exit code.
     """
-    from tensorflow.core.protobuf import coordination_config_pb2
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.distribute import multi_worker_util
     from tensorflow.python.eager import context
 

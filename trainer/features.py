@@ -100,7 +100,12 @@ def predict_files(
     with model.distribute_strategy.scope():
         row = keras.Input((), dtype="int64", name="row")
         tagged = keras.Model([model.input, row], [model.output, keras.layers.Identity()(row)])
-    outputs, rows = tagged.predict(ds, verbose=0)
+    # tf.distribute splits each global batch into one piece per replica of the cluster, and a
+    # step takes one piece per replica; as this worker's pipeline holds only its own share, a
+    # batch lasts `count` steps. Keras would stop after as many steps as the dataset has
+    # batches, so the count is hidden from it (filter) and the steps given.
+    ds = ds.filter(lambda *_: tf.constant(True))
+    outputs, rows = tagged.predict(ds, steps=count * padded // batch_size, verbose=0)
     result = np.zeros((n, *outputs.shape[1:]), dtype=np.float32)
     result[rows] = np.asarray(outputs, dtype=np.float32)  # padding rows repeat real ones
     return result

@@ -20,6 +20,7 @@ is used unchanged. See docs/distributed.md.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -173,43 +174,31 @@ def choose_strategy(
 def _multi_worker_strategy(tf_config: dict, timeout_seconds: int) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy that fails instead of waiting forever for a lost worker.
 
-    Three bounds: the coordination service gives up when a worker has not joined within
-    `timeout_seconds` of start-up, or stops sending heartbeats (a crashed or killed pod; found in
-    about 10 s); and each collective op gives up after `timeout_seconds` (a worker that hangs
-    but still sends heartbeats). The error then ends every process with a non-zero exit code.
+    Three bounds. Start-up: joining waits for every worker inside TensorFlow's C++ code, holding
+    the GIL, with no timeout that fired here and deaf to SIGTERM; faulthandler's watchdog (a C
+    thread) then prints where it hung and exits with code 1 after `timeout_seconds`. A worker
+    that crashes or is killed later stops sending heartbeats; the coordination service notices
+    in about 10 s and aborts every collective. A worker that hangs while still alive: each
+    collective op gives up after `timeout_seconds`. Either error ends the other processes with
+    a non-zero exit code.
     """
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.distribute import multi_worker_util
-    from tensorflow.python.eager import context
-
-    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    cluster = resolver.cluster_spec()
-    if timeout_seconds:
-        # Same set-up MultiWorkerMirroredStrategy does itself (it skips its own when one exists),
-        # plus the registration timeout, whose default is an hour.
-        context.context().configure_coordination_service(
-            service_type="standalone",
-            service_leader=multi_worker_util.coordination_leader(cluster),
-            cluster_register_timeout_in_ms=timeout_seconds * 1000,
-            coordinated_jobs=[
-                coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
-                for job in ("chief", "worker")
-                if job in cluster.jobs
-            ],
-        )
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=float(timeout_seconds) if timeout_seconds else None
     )
     _patch_keras_for_multi_worker()
+    cluster = tf_config.get("cluster")
+    if timeout_seconds:
+        log.info("joining the cluster %s (gives up after %d s)", cluster, timeout_seconds)
+        faulthandler.dump_traceback_later(timeout_seconds, exit=True)
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            cluster_resolver=resolver, communication_options=options
-        )
-    except (ValueError, tf.errors.OpError) as error:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except ValueError as error:  # a malformed cluster; a lost worker is a crash (retryable)
         raise TrainerError(
-            f"distribute.strategy=multi_worker: cannot join the cluster in TF_CONFIG "
-            f"({tf_config.get('cluster')}): {error}"
+            f"distribute.strategy=multi_worker: cannot use the cluster in TF_CONFIG "
+            f"({cluster}): {error}"
         ) from error
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _patch_keras_for_multi_worker() -> None:

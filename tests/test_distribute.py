@@ -35,8 +35,15 @@ INDEXED_JOB = {
     "TRAINER_SERVICE": "hotdog-workers",
     "TRAINER_PORT": "2222",
 }
-# Global batch 16 everywhere: 16 on one device, 8 per replica on two replicas.
-SMALL_RUN = ["model.weights=null", "data.image_size=32", "train.epochs=2", "model.dropout=0"]
+# Global batch 16 everywhere: 16 on one device, 8 per replica on two replicas. float32: the
+# comparisons are to 1e-4; bfloat16 rounding would depend on how oneDNN splits a batch.
+SMALL_RUN = [
+    "model.weights=null",
+    "data.image_size=32",
+    "train.epochs=2",
+    "model.dropout=0",
+    "train.precision=float32",
+]
 
 
 # --- TF_CONFIG from the environment -------------------------------------------------------------
@@ -103,6 +110,42 @@ def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them():
     assert choose_jit_compile("false") is False
     with pytest.raises(TrainerError, match="train.jit_compile=maybe"):
         choose_jit_compile("maybe")
+
+
+def test_mixed_precision_keeps_the_head_and_the_output_float32():
+    import keras
+
+    from trainer.distribute import choose_precision
+    from trainer.model import build_model
+
+    try:
+        assert choose_precision("mixed_bfloat16") == "mixed_bfloat16"
+        model = build_model(2, 32, None, 0.2)
+        assert model.get_layer("backbone").compute_dtype == "bfloat16"
+        head = model.get_layer("head")
+        assert {layer.compute_dtype for layer in head.layers} == {"float32"}
+        assert model(np.zeros((1, 32, 32, 3), "float32")).dtype == "float32"
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_auto_precision_on_a_cpu_is_bfloat16_only_where_it_measured_faster():
+    import keras
+    import tensorflow as tf
+
+    from trainer import distribute
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible")
+    try:
+        expected = (
+            "mixed_bfloat16"
+            if distribute._cpu_has_native_bf16() and distribute.BF16_CPU_SPEEDUP > 1
+            else "float32"
+        )
+        assert distribute.choose_precision("auto") == expected
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
 
 
 # --- end to end ---------------------------------------------------------------------------------

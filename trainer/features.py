@@ -99,7 +99,9 @@ def predict_files(
 
     with model.distribute_strategy.scope():
         row = keras.Input((), dtype="int64", name="row")
-        tagged = keras.Model([model.input, row], [model.output, keras.layers.Identity()(row)])
+        # float32 out: the all-gather has no bfloat16 kernel (mixed_bfloat16 on CPUs).
+        output = keras.layers.Activation("linear", dtype="float32")(model.output)
+        tagged = keras.Model([model.input, row], [output, keras.layers.Identity()(row)])
     # tf.distribute splits each global batch into one piece per replica of the cluster, and a
     # step takes one piece per replica; as this worker's pipeline holds only its own share, a
     # batch lasts `count` steps. Keras would stop after as many steps as the dataset has

@@ -285,6 +285,30 @@ def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
     _assert_same_model(str(out_dir), one_device_run, folders)
 
 
+@pytest.mark.slow
+def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_path):
+    out_dir = tmp_path / "multi-worker-finetune"
+    ports = _free_ports(2)
+    workers = [
+        _trainer(
+            folders,
+            out_dir,
+            "data.batch_size=8",
+            "train.epochs=1",
+            "train.finetune_epochs=1",
+            env={"TF_CONFIG": _tf_config(ports, index)},
+        )
+        for index in range(2)
+    ]
+    logs = [_finish(worker, timeout=400) for worker in workers]
+    # 34 files, 2 workers, global batch 16: 16 files each per epoch, 2 steps of 8 per worker.
+    assert all("training images sharded by file: 16 a worker an epoch, 2 steps" in x for x in logs)
+    assert glob.glob(f"{tmp_path}/**/saved_model", recursive=True) == [f"{out_dir}/saved_model"]
+    assert (out_dir / "_SUCCESS").exists()
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["num_test"] == 10
+
+
 def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

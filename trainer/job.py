@@ -78,7 +78,7 @@ def _train_and_export(
     import numpy as np
 
     from trainer import tensorboard
-    from trainer.data import image_dataset
+    from trainer.data import image_dataset, worker_share, worker_steps
     from trainer.distribute import choose_jit_compile, worker_shard
     from trainer.export import export_saved_model, write_run_files
     from trainer.features import extract_features, feature_dataset, predict_files
@@ -101,8 +101,17 @@ def _train_and_export(
 
     with strategy.scope():
         model = build_model(len(classes), d.image_size, weights, m.dropout, cfg.seed)
+    # Multi-worker: each worker decodes only its own training files, if each gets a whole batch.
+    shard = workers if worker_share(len(train), batch, workers[0]) else (1, 0)
+    image_steps = worker_steps(len(train), batch, shard[0]) if shard[0] > 1 else None
+    if image_steps:
+        log.info(
+            "training images sharded by file: %d a worker an epoch, %d steps",
+            worker_share(len(train), batch, shard[0]),
+            image_steps,
+        )
     train_images = image_dataset(
-        train, d.image_size, batch, shuffle=True, augment=d.augment, seed=cfg.seed
+        train, d.image_size, batch, shuffle=True, augment=d.augment, seed=cfg.seed, shard=shard
     )
     test_images = image_dataset(test, d.image_size, batch)
     sample_x, sample_y = next(iter(train_images.take(1)))
@@ -155,6 +164,7 @@ def _train_and_export(
             log_dir=log_dir,
             phase="head",
             extra_callbacks=sync,
+            steps_per_epoch=image_steps,
             jit_compile=jit_compile,
         )
         timings["head_s"] = time.perf_counter() - phase_started
@@ -180,6 +190,7 @@ def _train_and_export(
             log_dir=log_dir,
             phase="fine-tune",
             extra_callbacks=sync,
+            steps_per_epoch=image_steps,
             jit_compile=jit_compile,
         )
         timings["finetune_s"] = time.perf_counter() - phase_started

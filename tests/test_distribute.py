@@ -104,6 +104,16 @@ def test_indexed_job_without_its_service_name_says_which_variable_is_missing():
         indexed_job_tf_config({**INDEXED_JOB, "JOB_COMPLETION_INDEX": "3"})
 
 
+def test_a_single_machine_strategy_inside_a_cluster_is_refused(monkeypatch):
+    from trainer.distribute import choose_strategy
+
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps(indexed_job_tf_config({**INDEXED_JOB, "JOB_COMPLETION_INDEX": "1"}))
+    )
+    with pytest.raises(TrainerError, match="distribute.strategy=mirrored: TF_CONFIG names 3"):
+        choose_strategy("mirrored", None)
+
+
 def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them():
     assert choose_jit_compile("auto") == "auto"
     assert choose_jit_compile("True") is True

@@ -147,6 +147,12 @@ def choose_strategy(
         simulate_cpu_devices(simulate_devices)
     if strategy == "auto" and workers > 1:
         strategy = "multi_worker"
+    if strategy in ("default", "mirrored") and workers > 1:
+        # Every worker would train alone and each would think it is the chief.
+        raise TrainerError(
+            f"distribute.strategy={strategy}: TF_CONFIG names {workers} workers; use "
+            "distribute.strategy=auto or multi_worker (or run one worker)"
+        )
     if strategy == "multi_worker":
         if tf_config is None:
             raise TrainerError(

@@ -122,6 +122,19 @@ def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them():
         choose_jit_compile("maybe")
 
 
+def test_jit_compile_is_turned_off_across_simulated_cpu_devices():
+    class Extended:
+        worker_devices = ("/job:localhost/replica:0/task:0/device:CPU:0", "/device:CPU:1")
+
+    class TwoCpus:
+        num_replicas_in_sync = 2
+        extended = Extended()
+
+    assert choose_jit_compile("true", TwoCpus()) is False
+    Extended.worker_devices = ("/device:GPU:0", "/device:GPU:1")
+    assert choose_jit_compile("true", TwoCpus()) is True
+
+
 def test_mixed_precision_keeps_the_head_and_the_output_float32():
     import keras
 

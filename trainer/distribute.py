@@ -315,10 +315,20 @@ def choose_precision(precision: str) -> str:
     return policy
 
 
-def choose_jit_compile(jit_compile: str) -> bool | str:
+def choose_jit_compile(
+    jit_compile: str, strategy: tf.distribute.Strategy | None = None
+) -> bool | str:
     """`train.jit_compile` as Keras' `compile(jit_compile=...)` takes it: True, False or "auto"
     (Keras: XLA on GPUs without tf.distribute, off on CPUs)."""
     value = str(jit_compile).strip().lower()
     if value not in ("auto", "true", "false"):
         raise TrainerError(f"train.jit_compile={jit_compile}: must be auto, true or false")
-    return "auto" if value == "auto" else value == "true"
+    if value != "true":
+        return "auto" if value == "auto" else False
+    devices = getattr(getattr(strategy, "extended", None), "worker_devices", ())
+    if strategy is not None and strategy.num_replicas_in_sync > 1 and "GPU" not in str(devices):
+        # XLA runs one CPU device; replicas on simulated CPU devices fail with "Trying to access
+        # resource ... located in device CPU:1 from device CPU:0".
+        log.warning("train.jit_compile=true: XLA cannot span several CPU devices; XLA off")
+        return False
+    return True

@@ -94,7 +94,7 @@ def _train_and_export(
     batch = d.batch_size * replicas
     log.info("batch size: %d per replica x %d replica(s) = %d", d.batch_size, replicas, batch)
     workers = worker_shard(strategy)  # (count, index): each worker decodes its share of files
-    jit_compile = choose_jit_compile(t.jit_compile)
+    jit_compile = choose_jit_compile(t.jit_compile, strategy)
     log_dir = os.path.join(out_dir, "tensorboard")
     timings: dict[str, float] = {}
     sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]

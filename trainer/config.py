@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int = 10
     learning_rate: float = 1e-3
     min_accuracy: float | None = None
-    feature_cache_max_mb: int = 2048
+    feature_cache_max_mb: int = 1024
     finetune_epochs: int = 0
     finetune_from: str = "conv5_block1_1_conv"
     finetune_learning_rate: float = 1e-5
@@ -62,6 +62,7 @@ class TrainConfig:
 class DistributeConfig:
     strategy: Strategy = Strategy.auto
     simulate_devices: int | None = None
+    timeout_seconds: int = 600  # multi_worker: give up on a worker lost this long (0: never)
 
 
 @dataclass
@@ -125,11 +126,12 @@ def validate(cfg: DictConfig) -> None:
             t.min_accuracy,
             "must be between 0 and 1, or null",
         )
+    # In memory, the features live inside the tf.data graph, which protobuf caps at 2 GB.
     _check(
-        t.feature_cache_max_mb >= 0,
+        0 <= t.feature_cache_max_mb <= 1536,
         "train.feature_cache_max_mb",
         t.feature_cache_max_mb,
-        "must be >= 0",
+        "must be between 0 and 1536 (larger feature sets spill to disk, which is fine)",
     )
     _check(
         t.backup_every_steps >= 0,
@@ -144,6 +146,19 @@ def validate(cfg: DictConfig) -> None:
         t.finetune_learning_rate,
         "must be > 0",
     )
+    _check(
+        t.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+        "train.precision",
+        t.precision,
+        "must be auto, float32, mixed_float16 or mixed_bfloat16",
+    )
+    _check(
+        str(t.jit_compile).lower() in ("auto", "true", "false"),
+        "train.jit_compile",
+        t.jit_compile,
+        "must be auto, true or false",
+    )
+    _check(dist.timeout_seconds >= 0, "distribute.timeout_seconds", dist.timeout_seconds, ">= 0")
     if dist.simulate_devices is not None:
         _check(
             dist.simulate_devices >= 1,

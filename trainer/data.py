@@ -182,13 +182,28 @@ def image_dataset(
     shuffle: bool = False,
     augment: bool = False,
     seed: int = 0,
+    shard: tuple[int, int] = (1, 0),
 ):
-    """Batched (pixels, label) pairs: parallel read, decode and resize, then prefetch."""
+    """Batched (pixels, label) pairs: parallel read, decode and resize, then prefetch.
+
+    `shard` (workers, index), for multi-worker training with `shuffle`: every worker shuffles
+    the paths alike, then reads and decodes only its own `worker_share` of them, repeated without
+    end (train `worker_steps` steps an epoch); each epoch leaves out fewer than one global batch
+    per worker, different files each time. tf.distribute would otherwise decode every file on
+    every worker and drop most.
+    """
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((split.files, split.labels))
     if shuffle:  # shuffle paths, not pixels: a full-size shuffle buffer then costs nothing
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    workers, index = shard
+    if workers > 1:
+        share = worker_share(len(split), batch_size, workers)
+        ds = ds.take(share * workers).shard(workers, index).repeat()
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
     ds = ds.map(
         lambda path, label: (decode_image(tf.io.read_file(path), image_size), label),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -201,6 +216,18 @@ def image_dataset(
             lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
         )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def worker_share(num_files: int, batch_size: int, workers: int) -> int:
+    """Files each worker trains on per epoch: whole global batches, the same on every worker
+    (tf.distribute needs every worker to run the same number of steps); 0 if too few files."""
+    return num_files // workers // batch_size * batch_size
+
+
+def worker_steps(num_files: int, batch_size: int, workers: int) -> int:
+    """Steps per epoch over sharded input: tf.distribute splits each of a worker's global
+    batches into one piece per replica of the cluster, so one lasts `workers` steps."""
+    return worker_share(num_files, batch_size, workers) // batch_size * workers
 
 
 def _augmenter(seed: int):

@@ -29,14 +29,16 @@ def extract_features(
     max_mb: int,
     spill_dir: str,
     name: str,
+    workers: tuple[int, int] = (1, 0),
 ) -> np.ndarray:
     """Pooled features for every image of `split`, in order: in memory up to `max_mb`, else a
-    memory-mapped .npy file in `spill_dir` (filled chunk by chunk, so memory stays bounded)."""
+    memory-mapped .npy file in `spill_dir` (filled chunk by chunk, so memory stays bounded).
+    `workers` (count, index): in multi-worker training each worker decodes and runs its own
+    share of the files, and every worker gets all the features."""
     n = len(split)
     start = time.perf_counter()
     if n * FEATURES * 4 <= max_mb * 2**20:
-        features = extractor.predict(image_dataset(split, image_size, batch_size), verbose=0)
-        features = np.asarray(features, dtype=np.float32)
+        features = predict_files(extractor, split, image_size, batch_size, workers)
     else:
         os.makedirs(spill_dir, exist_ok=True)
         path = os.path.join(spill_dir, f"{name}_features.npy")
@@ -44,8 +46,8 @@ def extract_features(
         chunk = max(batch_size, (max_mb * 2**20 // (FEATURES * 4)) // batch_size * batch_size)
         for lo in range(0, n, chunk):
             part = split.subset(np.arange(lo, min(n, lo + chunk)))
-            features[lo : lo + len(part)] = extractor.predict(
-                image_dataset(part, image_size, batch_size), verbose=0
+            features[lo : lo + len(part)] = predict_files(
+                extractor, part, image_size, batch_size, workers
             )
         features.flush()
         log.info(
@@ -66,6 +68,51 @@ def extract_features(
     return features
 
 
+def predict_files(
+    model, split: Split, image_size: int, batch_size: int, workers: tuple[int, int] = (1, 0)
+) -> np.ndarray:
+    """`model`'s float32 outputs for every image of `split`, in order, on every worker.
+
+    One worker (one device or MirroredStrategy): a plain `predict`. Several workers: worker w
+    reads and decodes only files w, w + W, w + 2W, ... (tf.data's own sharding would decode
+    everything on every worker and drop most of it); Keras' `predict` all-gathers the outputs
+    and each row carries its file index, so every worker puts them back in order. tf.distribute
+    fails if one worker runs more steps than another, so each share is padded with repeats of
+    its last file to a whole number of global batches (< one batch of extra work per worker).
+    """
+    count, index = workers
+    if count == 1:
+        outputs = model.predict(image_dataset(split, image_size, batch_size), verbose=0)
+        return np.asarray(outputs, dtype=np.float32)
+    n = len(split)
+    mine = np.arange(index, n, count)
+    share = -(-n // count)  # ceil(n / W)
+    padded = -(-share // batch_size) * batch_size  # whole global batches
+    mine = np.concatenate([mine, np.full(padded - len(mine), mine[-1] if len(mine) else 0)])
+    # The label slot carries the file's row index through the pipeline and the model.
+    ds = image_dataset(Split([split.files[i] for i in mine], mine), image_size, batch_size)
+    ds = ds.map(lambda pixels, row: ((pixels, row),))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
+    import keras
+
+    with model.distribute_strategy.scope():
+        row = keras.Input((), dtype="int64", name="row")
+        # float32 out: the all-gather has no bfloat16 kernel (mixed_bfloat16 on CPUs).
+        output = keras.layers.Activation("linear", dtype="float32")(model.output)
+        tagged = keras.Model([model.input, row], [output, keras.layers.Identity()(row)])
+    # tf.distribute splits each global batch into one piece per replica of the cluster, and a
+    # step takes one piece per replica; as this worker's pipeline holds only its own share, a
+    # batch lasts `count` steps. Keras would stop after as many steps as the dataset has
+    # batches, so the count is hidden from it (filter) and the steps given.
+    ds = ds.filter(lambda *_: tf.constant(True))
+    outputs, rows = tagged.predict(ds, steps=count * padded // batch_size, verbose=0)
+    result = np.zeros((n, *outputs.shape[1:]), dtype=np.float32)
+    result[rows] = np.asarray(outputs, dtype=np.float32)  # padding rows repeat real ones
+    return result
+
+
 def feature_dataset(
     features: np.ndarray,
     labels: np.ndarray,
@@ -73,30 +120,40 @@ def feature_dataset(
     *,
     shuffle: bool = False,
     seed: int = 0,
+    epochs: int = 1,
 ) -> tf.data.Dataset:
-    """Batched (features, label) pairs from the cache, reshuffled every epoch when asked."""
-    if not isinstance(features, np.memmap):
-        ds = tf.data.Dataset.from_tensor_slices((features, labels))
-        if shuffle:
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    """Batched (features, label) pairs from the cache. With `shuffle`: `epochs` epochs back to
+    back, each in its own seeded order (train with steps_per_epoch = ceil(n / batch_size)).
 
-    # Spilled: shuffle row indices and read each batch's rows from the memory-mapped file.
-    def rows(index):
-        return np.asarray(features[index])
-
+    The orders come from the seed alone. tf.data's reshuffle_each_iteration instead draws a new
+    order each time an iterator starts, and Keras starts an extra one under tf.distribute (to
+    build the model), so one device and several replicas would see different batches.
+    """
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(n) for _ in range(epochs)] if shuffle else [np.arange(n)]
+    ds = tf.data.Dataset.from_tensor_slices(orders[0]).batch(batch_size)
+    for order in orders[1:]:  # batches never straddle two epochs
+        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
     label_table = tf.constant(labels)
-    ds = tf.data.Dataset.range(len(labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
 
-    def load(index):
-        x = tf.numpy_function(rows, [index], tf.float32, stateful=False)
-        x.set_shape([None, FEATURES])
-        return x, tf.gather(label_table, index)
+    if isinstance(features, np.memmap):  # spilled: read each batch's rows from the file
 
-    return (
-        ds.batch(batch_size)
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+        def rows(index):
+            return np.asarray(features[index])
+
+        def load(index):
+            x = tf.numpy_function(rows, [index], tf.float32, stateful=False)
+            x.set_shape([None, FEATURES])
+            return x, tf.gather(label_table, index)
+    else:
+        feature_table = tf.constant(features, dtype=tf.float32)
+
+        def load(index):
+            return tf.gather(feature_table, index), tf.gather(label_table, index)
+
+    # Every worker holds all the features (cheap); tf.distribute gives each its part of a batch.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)

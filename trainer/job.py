@@ -7,6 +7,7 @@ or (full forward each step, with augmentation) -> optional fine-tuning of the to
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -47,15 +48,19 @@ def run(cfg: DictConfig) -> dict:
     # TensorFlow is imported only now: config and folder errors above answer in a second.
     import keras
 
-    from trainer.distribute import choose_strategy, is_chief
+    from trainer.distribute import choose_precision, choose_strategy, is_chief
     from trainer.train import SIGTERM
 
     # Before this, SIGTERM's default action ends the process; from here on it ends training
     # at a step boundary with a backup written (see trainer/train.py).
     SIGTERM.install()
 
+    # The strategy first: simulated devices and the multi-worker runtime must be set up before
+    # TensorFlow runs anything (seeding included).
+    dist = cfg.distribute
+    strategy = choose_strategy(dist.strategy.value, dist.simulate_devices, dist.timeout_seconds)
     keras.utils.set_random_seed(cfg.seed)
-    strategy = choose_strategy(cfg.distribute.strategy.value, cfg.distribute.simulate_devices)
+    choose_precision(cfg.train.precision)
     chief = is_chief(strategy)
     # Only the chief writes output.dir; other workers write to a private directory, removed at
     # the end (Keras' callbacks and the export need somewhere to write on every worker).
@@ -79,11 +84,12 @@ def _train_and_export(
     import numpy as np
 
     from trainer import tensorboard
-    from trainer.data import image_dataset
+    from trainer.data import image_dataset, worker_share, worker_steps
+    from trainer.distribute import choose_jit_compile, worker_shard
     from trainer.export import export_saved_model, write_run_files
-    from trainer.features import extract_features, feature_dataset
+    from trainer.features import extract_features, feature_dataset, predict_files
     from trainer.model import build_model, feature_extractor, unfreeze_from
-    from trainer.train import evaluate, fit
+    from trainer.train import evaluate, fit, predict_in_batches
 
     d, m, t = cfg.data, cfg.model, cfg.train
     fail = d.on_bad_image.value == "fail"
@@ -93,14 +99,25 @@ def _train_and_export(
     replicas = strategy.num_replicas_in_sync
     batch = d.batch_size * replicas
     log.info("batch size: %d per replica x %d replica(s) = %d", d.batch_size, replicas, batch)
+    workers = worker_shard(strategy)  # (count, index): each worker decodes its share of files
+    jit_compile = choose_jit_compile(t.jit_compile, strategy)
     log_dir = os.path.join(out_dir, "tensorboard")
     timings: dict[str, float] = {}
     sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]
 
     with strategy.scope():
         model = build_model(len(classes), d.image_size, weights, m.dropout, cfg.seed)
+    # Multi-worker: each worker decodes only its own training files, if each gets a whole batch.
+    shard = workers if worker_share(len(train), batch, workers[0]) else (1, 0)
+    image_steps = worker_steps(len(train), batch, shard[0]) if shard[0] > 1 else None
+    if image_steps:
+        log.info(
+            "training images sharded by file: %d a worker an epoch, %d steps",
+            worker_share(len(train), batch, shard[0]),
+            image_steps,
+        )
     train_images = image_dataset(
-        train, d.image_size, batch, shuffle=True, augment=d.augment, seed=cfg.seed
+        train, d.image_size, batch, shuffle=True, augment=d.augment, seed=cfg.seed, shard=shard
     )
     test_images = image_dataset(test, d.image_size, batch)
     sample_x, sample_y = next(iter(train_images.take(1)))
@@ -112,7 +129,15 @@ def _train_and_export(
     # kept as full-model weights, so a retry during fine-tuning skips phase 1 altogether.
     backup_root = os.path.join(out_dir, BACKUP)
     phase1_done = os.path.join(backup_root, "phase1_done.weights.h5")
-    backups = {"backup_every_steps": t.backup_every_steps}
+    # What every training phase shares; each call adds its data, rate, epochs and backup folder.
+    train_phase = functools.partial(
+        fit,
+        total_epochs=total_epochs,
+        log_dir=log_dir,
+        extra_callbacks=sync,
+        backup_every_steps=t.backup_every_steps,
+        jit_compile=jit_compile,
+    )
     phase_started = time.perf_counter()
     if t.finetune_epochs and os.path.exists(phase1_done):
         model.load_weights(phase1_done)
@@ -125,43 +150,39 @@ def _train_and_export(
         spill = os.path.join(out_dir, ".feature_cache")
         features = {
             name: extract_features(
-                extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name
+                extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name, workers
             )
             for name, split in (("train", train), ("test", test))
         }
         timings["backbone_pass_s"] = time.perf_counter() - phase_started
         phase_started = time.perf_counter()
         head = model.get_layer("head")
-        fit(
+        train_phase(
             head,
-            feature_dataset(features["train"], train.labels, batch, shuffle=True, seed=cfg.seed),
+            feature_dataset(
+                features["train"], train.labels, batch, shuffle=True, seed=cfg.seed, epochs=t.epochs
+            ),
             feature_dataset(features["test"], test.labels, batch),
             learning_rate=t.learning_rate,
             epochs=t.epochs,
             initial_epoch=0,
-            total_epochs=total_epochs,
-            log_dir=log_dir,
+            steps_per_epoch=-(-len(train) // batch),
             phase="head on cached features",
             backup_dir=os.path.join(backup_root, "head"),
-            **backups,
-            extra_callbacks=sync,
         )
         timings["head_s"] = time.perf_counter() - phase_started
     else:
         log.info("full forward each step (data.augment=true)")
-        fit(
+        train_phase(
             model,
             train_images,
             test_images,
             learning_rate=t.learning_rate,
             epochs=t.epochs,
             initial_epoch=0,
-            total_epochs=total_epochs,
-            log_dir=log_dir,
+            steps_per_epoch=image_steps,
             phase="head",
             backup_dir=os.path.join(backup_root, "head"),
-            **backups,
-            extra_callbacks=sync,
         )
         timings["head_s"] = time.perf_counter() - phase_started
 
@@ -179,30 +200,26 @@ def _train_and_export(
             t.finetune_from,
             t.finetune_learning_rate,
         )
-        fit(
+        train_phase(
             model,
             train_images,
             test_images,
             learning_rate=t.finetune_learning_rate,
             epochs=t.finetune_epochs,
             initial_epoch=t.epochs,
-            total_epochs=total_epochs,
-            log_dir=log_dir,
+            steps_per_epoch=image_steps,
             phase="fine-tune",
             backup_dir=os.path.join(backup_root, "finetune"),
-            **backups,
-            extra_callbacks=sync,
         )
         timings["finetune_s"] = time.perf_counter() - phase_started
 
     # Final evaluation: on cached features when the backbone never changed (same numbers the
     # full model gives, without another backbone pass), else on images.
+    # Both give every worker all test predictions, in order.
     if fast_path and not t.finetune_epochs:
-        probabilities = model.get_layer("head").predict(
-            feature_dataset(features["test"], test.labels, batch), verbose=0
-        )
+        probabilities = predict_in_batches(model.get_layer("head"), features["test"], batch)
     else:
-        probabilities = model.predict(test_images, verbose=0)
+        probabilities = predict_files(model, test, d.image_size, batch, workers)
     shutil.rmtree(os.path.join(out_dir, ".feature_cache"), ignore_errors=True)
     result = evaluate(np.asarray(probabilities), test.labels, len(classes))
     predicted = result.pop("predicted")

@@ -68,7 +68,8 @@ def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
     return keras.Sequential(
         [
             keras.Input((FEATURES,), name="features"),
-            keras.layers.Dropout(dropout, seed=seed),
+            # float32 in every precision policy: the head is cheap, its numerics are not.
+            keras.layers.Dropout(dropout, seed=seed, dtype="float32"),
             keras.layers.Dense(
                 num_classes, activation="softmax", dtype="float32", name="probabilities"
             ),

@@ -139,16 +139,22 @@ def fit(
     backup_dir: str | None = None,
     backup_every_steps: int = 0,
     extra_callbacks: list | None = None,
+    jit_compile: bool | str = "auto",
+    steps_per_epoch: int | None = None,
 ) -> keras.callbacks.History:
     """(Re)compile `model` with Adam at `learning_rate`, train `epochs` more epochs, evaluating on
     `test_data` after each. Recompiling is what makes changed `trainable` flags take effect.
     With `backup_dir`, the state is backed up every `backup_every_steps` (0: every epoch) and a
     run that finds a backup there resumes from it."""
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-    )
+    # Inside the model's strategy scope, so the optimizer's variables are distributed like the
+    # model's (MirroredStrategy, MultiWorkerMirroredStrategy).
+    with model.distribute_strategy.scope():
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+            jit_compile=jit_compile,
+        )
     tensorboard = keras.callbacks.TensorBoard(log_dir, write_graph=False)
     callbacks = [tensorboard, EpochLog(total_epochs, phase), *(extra_callbacks or [])]
     if backup_dir is not None:
@@ -160,10 +166,21 @@ def fit(
             validation_data=test_data,
             initial_epoch=initial_epoch,
             epochs=initial_epoch + epochs,
+            steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
             shuffle=False,  # the datasets shuffle themselves, every epoch
             verbose=1 if sys.stdout.isatty() else 0,  # progress bar for people, lines for logs
         )
+
+
+def predict_in_batches(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """`model(x)` batch by batch on this process alone, in order, as float32: no tf.distribute
+    collectives, so every worker can run it (the head on cached features costs milliseconds)."""
+    parts = [
+        keras.ops.convert_to_numpy(model(np.asarray(x[lo : lo + batch_size]), training=False))
+        for lo in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32)
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

@@ -1,0 +1,390 @@
+"""Distribution: TF_CONFIG from a Kubernetes Indexed Job, MirroredStrategy over two simulated CPU
+devices and two workers on loopback giving the single-device model, a lost worker failing the rest.
+
+The end-to-end tests run `python -m trainer` in subprocesses: simulated devices and the
+multi-worker runtime must be set up before TensorFlow starts, once per process.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import TrainerError
+from trainer.distribute import (
+    choose_jit_compile,
+    cluster_workers,
+    indexed_job_tf_config,
+    resolve_tf_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+INDEXED_JOB = {
+    "TRAINER_WORKERS": "3",
+    "TRAINER_JOB_NAME": "hotdog",
+    "TRAINER_SERVICE": "hotdog-workers",
+    "TRAINER_PORT": "2222",
+}
+# Global batch 16 everywhere: 16 on one device, 8 per replica on two replicas. float32: the
+# comparisons are to 1e-4; bfloat16 rounding would depend on how oneDNN splits a batch.
+SMALL_RUN = [
+    "model.weights=null",
+    "data.image_size=32",
+    "train.epochs=2",
+    "model.dropout=0",
+    "train.precision=float32",
+]
+
+
+# --- TF_CONFIG from the environment -------------------------------------------------------------
+
+
+def test_indexed_job_worker_0_of_3_gets_the_cluster_and_index_0():
+    config = indexed_job_tf_config({**INDEXED_JOB, "JOB_COMPLETION_INDEX": "0"})
+    assert config == {
+        "cluster": {
+            "worker": [
+                "hotdog-0.hotdog-workers:2222",
+                "hotdog-1.hotdog-workers:2222",
+                "hotdog-2.hotdog-workers:2222",
+            ]
+        },
+        "task": {"type": "worker", "index": 0},
+    }
+
+
+def test_indexed_job_worker_2_of_3_gets_the_same_cluster_and_index_2():
+    config = indexed_job_tf_config({**INDEXED_JOB, "JOB_COMPLETION_INDEX": "2"})
+    assert config["cluster"]["worker"][2] == "hotdog-2.hotdog-workers:2222"
+    assert len(config["cluster"]["worker"]) == 3
+    assert config["task"] == {"type": "worker", "index": 2}
+
+
+def test_indexed_job_tf_config_is_exported_for_tensorflow():
+    env = {**INDEXED_JOB, "JOB_COMPLETION_INDEX": "1", "TRAINER_PORT": "3000"}
+    config = resolve_tf_config(env)
+    assert json.loads(env["TF_CONFIG"]) == config
+    assert config["cluster"]["worker"][0] == "hotdog-0.hotdog-workers:3000"
+    assert cluster_workers(config) == 3
+
+
+def test_kubeflow_tf_config_is_used_unchanged():
+    tfjob = {
+        "cluster": {"chief": ["c-0:2222"], "worker": ["w-0:2222", "w-1:2222"]},
+        "task": {"type": "worker", "index": 1},
+    }
+    env = {"TF_CONFIG": json.dumps(tfjob), **INDEXED_JOB, "JOB_COMPLETION_INDEX": "0"}
+    assert resolve_tf_config(env) == tfjob
+    assert json.loads(env["TF_CONFIG"]) == tfjob
+    assert cluster_workers(tfjob) == 3
+
+
+def test_an_indexed_sweep_without_trainer_workers_is_not_a_cluster():
+    env = {"JOB_COMPLETION_INDEX": "4"}
+    assert resolve_tf_config(env) is None
+    assert "TF_CONFIG" not in env
+
+
+def test_indexed_job_without_its_service_name_says_which_variable_is_missing():
+    env = {**INDEXED_JOB, "JOB_COMPLETION_INDEX": "0"}
+    del env["TRAINER_SERVICE"]
+    with pytest.raises(TrainerError, match="TRAINER_SERVICE"):
+        indexed_job_tf_config(env)
+    with pytest.raises(TrainerError, match="JOB_COMPLETION_INDEX=3"):
+        indexed_job_tf_config({**INDEXED_JOB, "JOB_COMPLETION_INDEX": "3"})
+
+
+def test_a_single_machine_strategy_inside_a_cluster_is_refused(monkeypatch):
+    from trainer.distribute import choose_strategy
+
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps(indexed_job_tf_config({**INDEXED_JOB, "JOB_COMPLETION_INDEX": "1"}))
+    )
+    with pytest.raises(TrainerError, match="distribute.strategy=mirrored: TF_CONFIG names 3"):
+        choose_strategy("mirrored", None)
+
+
+def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them():
+    assert choose_jit_compile("auto") == "auto"
+    assert choose_jit_compile("True") is True
+    assert choose_jit_compile("false") is False
+    with pytest.raises(TrainerError, match="train.jit_compile=maybe"):
+        choose_jit_compile("maybe")
+
+
+def test_jit_compile_is_turned_off_across_simulated_cpu_devices():
+    class Extended:
+        worker_devices = ("/job:localhost/replica:0/task:0/device:CPU:0", "/device:CPU:1")
+
+    class TwoCpus:
+        num_replicas_in_sync = 2
+        extended = Extended()
+
+    assert choose_jit_compile("true", TwoCpus()) is False
+    Extended.worker_devices = ("/device:GPU:0", "/device:GPU:1")
+    assert choose_jit_compile("true", TwoCpus()) is True
+
+
+def test_mixed_precision_keeps_the_head_and_the_output_float32():
+    import keras
+
+    from trainer.distribute import choose_precision
+    from trainer.model import build_model
+
+    try:
+        assert choose_precision("mixed_bfloat16") == "mixed_bfloat16"
+        model = build_model(2, 32, None, 0.2)
+        assert model.get_layer("backbone").compute_dtype == "bfloat16"
+        head = model.get_layer("head")
+        assert {layer.compute_dtype for layer in head.layers} == {"float32"}
+        assert model(np.zeros((1, 32, 32, 3), "float32")).dtype == "float32"
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_auto_precision_on_a_cpu_is_bfloat16_only_where_it_measured_faster():
+    import keras
+    import tensorflow as tf
+
+    from trainer import distribute
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible")
+    try:
+        expected = (
+            "mixed_bfloat16"
+            if distribute._cpu_has_native_bf16() and distribute.BF16_CPU_SPEEDUP > 1
+            else "float32"
+        )
+        assert distribute.choose_precision("auto") == expected
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    """34 training images (17 a class: odd shares on two workers) and 10 test images."""
+    from trainer.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("images")
+    make_dataset(str(root / "train"), ["a", "b"], 17, min_size=40, max_size=56)
+    make_dataset(str(root / "test"), ["a", "b"], 5, min_size=40, max_size=56, seed=1)
+    return {"train": str(root / "train"), "test": str(root / "test")}
+
+
+def _trainer(folders, out_dir, *overrides, env=None, log=None) -> subprocess.Popen:
+    """Start `python -m trainer` on this checkout (cwd: its conf/ and package)."""
+    args = [
+        sys.executable,
+        "-m",
+        "trainer",
+        f"data.train_dir={folders['train']}",
+        f"data.test_dir={folders['test']}",
+        f"output.dir={out_dir}",
+        f"hydra.run.dir={out_dir}-hydra",
+        *SMALL_RUN,
+        *overrides,
+    ]
+    full_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    full_env.update({"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    return subprocess.Popen(
+        args,
+        cwd=REPO,
+        env=full_env,
+        stdout=log or subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _communicate(process: subprocess.Popen, timeout: float) -> str:
+    """The process's output once it ends; killed (and the test failed) if it outlives `timeout`."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"still running after {timeout} s:\n{(output or '')[-3000:]}")
+    return output or ""
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    output = _communicate(process, timeout)
+    assert process.returncode == 0, f"exit {process.returncode}:\n{output[-3000:]}"
+    return output
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _tf_config(ports: list[int], index: int) -> str:
+    workers = [f"127.0.0.1:{port}" for port in ports]
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def _serve(saved_model: str, images: list[str]) -> np.ndarray:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+    data = [Path(p).read_bytes() for p in images]
+    return serve(image_bytes=tf.constant(data))["probabilities"].numpy()
+
+
+@pytest.fixture(scope="module")
+def one_device_run(folders, tmp_path_factory) -> str:
+    """The reference: one device, global batch 16."""
+    out_dir = tmp_path_factory.mktemp("runs") / "one-device"
+    _finish(_trainer(folders, out_dir, "distribute.strategy=default", "data.batch_size=16"))
+    return str(out_dir)
+
+
+def _test_images(folders) -> list[str]:
+    return sorted(glob.glob(os.path.join(folders["test"], "*", "*.jpg")))
+
+
+def _assert_same_model(run_dir: str, reference_dir: str, folders) -> None:
+    metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+    reference = json.loads(Path(reference_dir, "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-6)
+    assert metrics["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-3)
+    images = _test_images(folders)
+    np.testing.assert_allclose(
+        _serve(f"{run_dir}/saved_model", images),
+        _serve(f"{reference_dir}/saved_model", images),
+        atol=1e-4,
+    )
+
+
+def test_mirrored_on_two_simulated_devices_gives_the_one_device_model(
+    folders, one_device_run, tmp_path
+):
+    out_dir = tmp_path / "mirrored"
+    log = _finish(_trainer(folders, out_dir, "distribute=sim2", "data.batch_size=8"))
+    assert "strategy: mirrored, 2 replica(s)" in log
+    assert "batch size: 8 per replica x 2 replica(s) = 16" in log
+    assert json.loads((out_dir / "metrics.json").read_text())["replicas"] == 2
+    assert (out_dir / "_SUCCESS").exists()
+    _assert_same_model(str(out_dir), one_device_run, folders)
+
+
+def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
+    folders, one_device_run, tmp_path
+):
+    out_dir = tmp_path / "multi-worker"
+    ports = _free_ports(2)
+    scratch = [tmp_path / f"tmp{i}" for i in range(2)]  # each worker's TMPDIR
+    workers = []
+    for index in range(2):
+        scratch[index].mkdir()
+        env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch[index])}
+        workers.append(_trainer(folders, out_dir, "data.batch_size=8", env=env))
+    logs = [_finish(worker) for worker in workers]
+
+    assert "strategy: multi_worker, 2 replicas (2 workers; this is worker 0)" in logs[0]
+    exports = [p for p in glob.glob(f"{tmp_path}/**/saved_model", recursive=True)]
+    assert exports == [f"{out_dir}/saved_model"]
+    assert (out_dir / "_SUCCESS").exists()
+    assert not list(scratch[1].glob("trainer-worker-*")), "worker 1 left its private directory"
+    _assert_same_model(str(out_dir), one_device_run, folders)
+
+
+@pytest.mark.slow
+def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_path):
+    out_dir = tmp_path / "multi-worker-finetune"
+    ports = _free_ports(2)
+    workers = [
+        _trainer(
+            folders,
+            out_dir,
+            "data.batch_size=8",
+            "train.epochs=1",
+            "train.finetune_epochs=1",
+            env={"TF_CONFIG": _tf_config(ports, index)},
+        )
+        for index in range(2)
+    ]
+    logs = [_finish(worker, timeout=400) for worker in workers]
+    # 34 files, 2 workers, global batch 16: 16 files each per epoch, 2 steps of 8 per worker.
+    assert all("training images sharded by file: 16 a worker an epoch, 2 steps" in x for x in logs)
+    assert glob.glob(f"{tmp_path}/**/saved_model", recursive=True) == [f"{out_dir}/saved_model"]
+    assert (out_dir / "_SUCCESS").exists()
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["num_test"] == 10
+
+
+def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        assert process.poll() is None, path.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    pytest.fail(f"no '{text}' in {path} after {timeout} s")
+
+
+def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(folders, tmp_path):
+    ports = _free_ports(2)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = []
+    for index in range(2):
+        with open(logs[index], "w") as log:
+            env = {"TF_CONFIG": _tf_config(ports, index)}
+            workers.append(
+                _trainer(
+                    folders,
+                    tmp_path / "out",
+                    "data.batch_size=8",
+                    "distribute.timeout_seconds=30",
+                    env=env,
+                    log=log,
+                )
+            )
+    try:
+        _wait_for(logs[1], "strategy: multi_worker", workers[1], timeout=120)
+        workers[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        workers[0].wait(timeout=90)
+        waited = time.monotonic() - killed
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert workers[0].returncode not in (0, None), logs[0].read_text()[-3000:]
+    assert waited < 90
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_a_worker_that_never_joins_makes_the_other_exit_non_zero(folders, tmp_path):
+    ports = _free_ports(2)
+    started = time.monotonic()
+    lonely = _trainer(
+        folders,
+        tmp_path / "out",
+        "distribute.timeout_seconds=5",
+        env={"TF_CONFIG": _tf_config(ports, 0)},
+    )
+    output = _communicate(lonely, timeout=120)
+    assert lonely.returncode == 1, output[-3000:]
+    assert "joining the cluster" in output
+    assert time.monotonic() - started < 120

@@ -322,3 +322,23 @@ def test_a_preempted_run_is_resumed_from_its_synced_backup_which_goes_once_publi
     names = emulator.names(uri)
     assert "_SUCCESS" in names and not [n for n in names if n.startswith("backup/")]
     assert not (local / "backup").exists()
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_other_workers_get_a_copy_of_the_chiefs_backup(emulator, gcs_bucket, tmp_path, where):
+    """Multi-worker: every worker must resume at the chief's epoch, from the chief's backup."""
+    if where == "gcs":
+        uri = f"gs://{gcs_bucket}/runs/multi"
+        chief = Output(uri, False, str(tmp_path / "chief"), 0)
+    else:
+        uri = str(tmp_path / "out")
+        chief = Output(uri, False, str(tmp_path / "cache"), 0)
+    chief.prepare()
+    _run_dir(Path(chief.local_dir), {"backup/head/training_metadata.json": b'{"epoch": 2}'})
+    chief.close()
+
+    worker = Output(uri, False, str(tmp_path / "worker-cache"), 0)
+    assert worker.fetch_backup(str(tmp_path / "private"))
+    metadata = tmp_path / "private" / "backup" / "head" / "training_metadata.json"
+    assert metadata.read_bytes() == b'{"epoch": 2}'
+    assert not Output(uri, True, str(tmp_path / "w2"), 0).fetch_backup(str(tmp_path / "p2"))

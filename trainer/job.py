@@ -67,6 +67,8 @@ def run(cfg: DictConfig) -> dict:
     if chief:
         output.prepare()
     out_dir = output.local_dir if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+    if not chief and output.fetch_backup(out_dir):  # resume where the chief resumes
+        log.info("worker resumes from the backup in %s", cfg.output.dir)
     try:
         return _train_and_export(
             cfg, output, out_dir, chief, strategy, classes, train, test, weights, started

@@ -596,6 +596,24 @@ class Output:
             time.perf_counter() - started,
         )
 
+    def fetch_backup(self, dest_dir: str) -> bool:
+        """Copy an unfinished run's backup into `dest_dir`/backup (read-only for output.dir):
+        other workers resume from the chief's state. Returns whether there was one."""
+        if self.overwrite or not self.has_backup():
+            return False
+        dest = os.path.join(dest_dir, BACKUP)
+        if self.remote:
+            stage_prefix(
+                f"{self.uri}/{BACKUP}",
+                dest,
+                "output.dir",
+                retry_seconds=self.retry_seconds,
+                what="backup files",
+            )
+        else:
+            shutil.copytree(os.path.join(self.local_dir, BACKUP), dest, dirs_exist_ok=True)
+        return True
+
     def remove_backup(self) -> None:
         """A finished run's backup goes (locally and at output.dir): a retry must not resume it.
         Removed after `_SUCCESS`, so a stop in between leaves a run that still counts as done."""

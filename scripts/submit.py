@@ -133,7 +133,7 @@ def _load(template: str, **values) -> dict:
 
 def render(args: argparse.Namespace, combos: list[list[str]]) -> list[dict]:
     """The manifests for this submission, in apply order."""
-    # In Hydra's override syntax: the sweeper escapes ':' (gs\\://...); the trainer unescapes it.
+    # In Hydra's override syntax: the sweeper escapes ':' (gs\://...); the trainer unescapes it.
     output_dir = next(o.split("=", 1)[1] for o in combos[0] if o.startswith("output.dir="))
     common = ["hydra.run.dir=/scratch/hydra", "hydra.output_subdir=null"]
     job = _load(

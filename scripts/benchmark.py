@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["hotdog", "not-hotdog"]
@@ -80,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_recipe":
         return run_recipe(argv[1:])
+    if argv and argv[0] == "_report":  # re-render a --json file: _report FIGURES.json [PNG]
+        with open(argv[1], encoding="utf-8") as f:
+            figures = json.load(f)
+        print(markdown_table(figures), notes(figures), sep="\n\n")
+        if len(argv) > 2:
+            draw_chart(figures, argv[2])
+        return 0
     args = parse_args(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="benchmark-")
     os.makedirs(work, exist_ok=True)
@@ -126,7 +133,7 @@ def benchmark(args: argparse.Namespace, work: str) -> dict:
     """Generate the data, then measure the floor, the trainer and both recipes in turn."""
     from trainer.synthetic import make_dataset
 
-    started_utc = datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
+    started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()
     data = os.path.join(work, "data")
     t0 = time.perf_counter()
@@ -320,31 +327,33 @@ ROWS = (
 )
 
 
-def _row_values(figures: dict, key: str) -> tuple[float, float | None, float | None]:
-    accuracy = figures.get(f"{key}_accuracy")
-    rss = figures.get(f"{key}_peak_rss_mb")
-    return figures[f"{key}_s"], accuracy, rss
+def _ratio(figures: dict, key: str, unit: str, digits: int = 2) -> str:
+    value, trainer = figures.get(f"{key}_{unit}"), figures.get(f"trainer_{unit}")
+    return "-" if value is None or not trainer else f"{value / trainer:.{digits}f}"
 
 
 def markdown_table(figures: dict) -> str:
-    """Seconds, images/s, ratio to the trainer, accuracy, peak RSS: one row per contender."""
+    """Seconds, images/s, ratios to the trainer (wall and CPU), CPU cores kept busy, accuracy,
+    peak RSS: one row per contender. A row whose cores-busy figure is far below the machine's
+    core count was starved by other processes, and its wall seconds are inflated."""
     images = figures["train_images"] + figures["test_images"]
     lines = [
         f"{figures['train_images']} train + {figures['test_images']} test images, "
         f"{figures['image_size']} px, {figures['epochs']} epochs, ResNet50 with random init",
         "",
-        "| run | seconds | images/s | x trainer | CPU s | x trainer (CPU) | test accuracy "
-        "| peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | seconds | images/s | x trainer | CPU s | x trainer (CPU) | cores busy "
+        "| test accuracy | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label in ROWS:
-        seconds, accuracy, rss = _row_values(figures, key)
+        seconds, cpu_s = figures[f"{key}_s"], figures.get(f"{key}_cpu_s")
+        accuracy, rss = figures.get(f"{key}_accuracy"), figures.get(f"{key}_peak_rss_mb")
         if key == "floor":
             label = f"{label} (batch {figures['floor_batch_size']})"
         lines.append(
-            f"| {label} | {seconds:.1f} | {images / seconds:.1f} | "
-            f"{seconds / figures['trainer_s']:.2f} | {figures[f'{key}_cpu_s']:.0f} | "
-            f"{figures[f'{key}_cpu_s'] / figures['trainer_cpu_s']:.2f} | "
+            f"| {label} | {seconds:.1f} | {images / seconds:.1f} | {_ratio(figures, key, 's')} | "
+            f"{'-' if cpu_s is None else f'{cpu_s:.0f}'} | {_ratio(figures, key, 'cpu_s')} | "
+            f"{'-' if cpu_s is None else f'{cpu_s / seconds:.2f}'} | "
             f"{'-' if accuracy is None else f'{accuracy:.3f}'} | "
             f"{'-' if rss is None else f'{rss:.0f}'} |"
         )
@@ -357,9 +366,10 @@ def notes(figures: dict) -> str:
     fig = figures
 
     def ratio_checks(unit: str) -> list[tuple[str, bool]]:
-        fl, tr, kg, sr = (
-            fig[f"{k}_{unit}"] for k in ("floor", "trainer", "keras_guide", "seed_recipe")
-        )
+        runs = ("floor", "trainer", "keras_guide", "seed_recipe")
+        if any(f"{k}_{unit}" not in fig for k in runs):
+            return []
+        fl, tr, kg, sr = (fig[f"{k}_{unit}"] for k in runs)
         return [
             (f"trainer_{unit} <= 1.5 x floor_{unit}", tr <= 1.5 * fl),
             (f"keras_guide_{unit} >= 8 x trainer_{unit}", kg >= 8 * tr),
@@ -374,7 +384,9 @@ def notes(figures: dict) -> str:
     ]
     lines = [
         f"images/s = {images} dataset images / seconds (end to end; the floor: its forward pass "
-        "alone). Every model has random weights (no download); the compute is the ImageNet one.",
+        "alone). CPU s = user + system seconds of the run's process, all threads; cores busy = "
+        "CPU s / seconds. Every model has random weights (no download); the compute is the "
+        "ImageNet one.",
         "Targets (stated for the default size, 2,000 + 800 images, 224 px, 10 epochs):",
         *(f"  [{'met' if ok else 'MISSED'}] {text}" for text, ok in checks),
         "Trainer phases (s, from its log and metrics.json):",
@@ -422,8 +434,8 @@ def draw_chart(figures: dict, path: str) -> None:
         )
         accuracy = figures.get(f"{key}_accuracy")
         text = (
-            f"{seconds:.{0 if seconds >= 10 else 1}f} s  ({seconds / figures['trainer_s']:.2f}x;"
-            f" CPU {figures[f'{key}_cpu_s'] / figures['trainer_cpu_s']:.2f}x)"
+            f"{seconds:.{0 if seconds >= 10 else 1}f} s  ({_ratio(figures, key, 's')}x;"
+            f" CPU {_ratio(figures, key, 'cpu_s')}x)"
         )
         if accuracy is not None:
             text += f"  acc {accuracy:.2f}"

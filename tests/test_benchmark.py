@@ -1,0 +1,84 @@
+"""scripts/benchmark.py end to end at a tiny size: every figure written, and the chart drawn.
+
+No timing is asserted (the machine is shared and noisy); the default-size figures are read from
+the benchmark's own output, never checked by tests. About 45 s on 2 cores (four TensorFlow
+processes start), so it is not marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The issue's contract: these exact names, positive numbers.
+REQUIRED = {
+    "floor_s",
+    "trainer_s",
+    "trainer_peak_rss_mb",
+    "trainer_accuracy",
+    "keras_guide_s",
+    "keras_guide_accuracy",
+    "seed_recipe_s",
+    "seed_recipe_accuracy",
+}
+# How the figures were made, so the file can be judged on its own.
+CONTEXT = {
+    "floor_batch_size",
+    "floor_cpu_s",
+    "trainer_cpu_s",
+    "keras_guide_cpu_s",
+    "seed_recipe_cpu_s",
+    "keras_guide_peak_rss_mb",
+    "seed_recipe_peak_rss_mb",
+    "trainer_phases_s",
+    "train_images",
+    "test_images",
+    "image_size",
+    "epochs",
+    "weights",
+    "machine",
+    "load_average",
+    "started_utc",
+    "dataset_generation_s",
+}
+
+
+def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
+    figures_path, chart_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "benchmark.py"),
+            "--train-images=8",
+            "--test-images=4",
+            "--image-size=32",
+            "--epochs=1",
+            f"--json={figures_path}",
+            f"--png={chart_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    figures = json.loads(figures_path.read_text())
+    assert set(figures) == REQUIRED | CONTEXT
+    for key in REQUIRED:
+        value = figures[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), key
+        if key.endswith("_accuracy"):
+            assert 0.0 <= value <= 1.0, (key, value)
+        else:
+            assert value > 0, (key, value)
+    assert all(figures[f"{run}_cpu_s"] > 0 for run in ("floor", "trainer", "keras_guide"))
+    assert (figures["train_images"], figures["test_images"]) == (8, 4)
+    assert "backbone pass: train set" in figures["trainer_phases_s"]
+
+    assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| trainer (`python -m trainer`) |" in done.stdout  # the markdown table

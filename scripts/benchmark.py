@@ -487,6 +487,12 @@ def floor(train_dir: str, test_dir: str, image_size: int, epochs: int) -> dict:
     ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     pixels = np.stack(list(ds.as_numpy_iterator()))  # uint8 [n, S, S, 3]: 4x less than float32
 
+    # The floor runs at the precision the trainer picks here (train.precision=auto: bfloat16
+    # on CPUs with native bf16), or it would be no floor for it; the recipes stay float32, as
+    # users copy them.
+    from trainer.distribute import choose_precision
+
+    precision = choose_precision("auto")
     backbone = keras.applications.ResNet50(
         weights=None, include_top=False, pooling="avg", input_shape=(image_size, image_size, 3)
     )
@@ -515,8 +521,17 @@ def floor(train_dir: str, test_dir: str, image_size: int, epochs: int) -> dict:
         forward(tf.constant(pixels[lo : lo + best])).numpy()
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     probes_text = ", ".join(f"batch {bs}: {c:.1f}/CPU-s {w:.1f}/s" for bs, (c, w) in probes.items())
-    print(f"floor: {len(pixels)} images in {seconds:.1f} s at batch {best} ({probes_text})")
-    return {"seconds": seconds, "cpu_s": cpu_s, "batch_size": best, "probes_images_per_s": probes}
+    print(
+        f"floor: {len(pixels)} images in {seconds:.1f} s at batch {best}, {precision} "
+        f"({probes_text})"
+    )
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "batch_size": best,
+        "precision": precision,
+        "probes_images_per_s": probes,
+    }
 
 
 def keras_guide(train_dir: str, test_dir: str, image_size: int, epochs: int) -> dict:

@@ -149,6 +149,7 @@ def _train_and_export(
         log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
         with strategy.scope():
             extractor = feature_extractor(model)
+            extractor.compile(jit_compile=jit_compile)  # predict() follows this setting
         spill = os.path.join(out_dir, ".feature_cache")
         features = {
             name: extract_features(

@@ -120,3 +120,19 @@ def test_model_takes_raw_pixels_and_applies_resnet50_preprocessing_itself():
     by_hand = head(backbone(keras.applications.resnet50.preprocess_input(pixels.copy())))
 
     np.testing.assert_allclose(model(pixels), by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_misspelt_finetune_layer_exits_2_before_any_training(tmp_path):
+    train_dir, test_dir = make_folders(tmp_path / "data", train=3, test=2)
+    result = run_trainer(
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        *SMALL,
+        "train.finetune_epochs=1",
+        "train.finetune_from=conv9_nope",
+        f"output.dir={tmp_path}/out",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert last_error_line(result).startswith("trainer: error: train.finetune_from=conv9_nope")
+    assert "features cached" not in result.stdout and "epoch 1/" not in result.stdout

@@ -90,7 +90,7 @@ def _train_and_export(
     from trainer.distribute import choose_jit_compile, worker_shard
     from trainer.export import export_saved_model, write_run_files
     from trainer.features import extract_features, feature_dataset, predict_files
-    from trainer.model import build_model, feature_extractor, unfreeze_from
+    from trainer.model import build_model, feature_extractor, finetune_start, unfreeze_from
     from trainer.train import evaluate, fit, predict_in_batches
 
     d, m, t = cfg.data, cfg.model, cfg.train
@@ -109,6 +109,8 @@ def _train_and_export(
 
     with strategy.scope():
         model = build_model(len(classes), d.image_size, weights, m.dropout, cfg.seed)
+    if t.finetune_epochs:
+        finetune_start(model, t.finetune_from)  # a bad layer name fails now, not after phase 1
     # Multi-worker: each worker decodes only its own training files, if each gets a whole batch.
     shard = workers if worker_share(len(train), batch, workers[0]) else (1, 0)
     image_steps = worker_steps(len(train), batch, shard[0]) if shard[0] > 1 else None
@@ -286,7 +288,7 @@ def _train_and_export(
             output.remove_backup()  # finished, if below target: a retry must not resume it
         raise BelowMinAccuracy(
             f"test accuracy {metrics['test_accuracy']:.4f} is below train.min_accuracy="
-            f"{t.min_accuracy}: metrics written to {out_dir}/metrics.json, model not exported"
+            f"{t.min_accuracy}: metrics written to {output.uri}/metrics.json, model not exported"
         )
 
     export_started = time.perf_counter()

@@ -100,16 +100,22 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     )
 
 
-def unfreeze_from(model: keras.Model, layer_name: str) -> int:
-    """Make the backbone trainable from `layer_name` on; return how many layers that unfroze."""
-    backbone = model.get_layer("backbone")
-    names = [layer.name for layer in backbone.layers]
+def finetune_start(model: keras.Model, layer_name: str) -> int:
+    """Index in the backbone of `layer_name`, the first layer fine-tuning unfreezes; checked
+    before training starts, so a misspelt name does not cost a whole first phase."""
+    names = [layer.name for layer in model.get_layer("backbone").layers]
     if layer_name not in names:
         raise TrainerError(
             f"train.finetune_from={layer_name}: no such layer in ResNet50 "
             f"(e.g. conv5_block1_1_conv, conv4_block1_1_conv)"
         )
-    start = names.index(layer_name)
+    return names.index(layer_name)
+
+
+def unfreeze_from(model: keras.Model, layer_name: str) -> int:
+    """Make the backbone trainable from `layer_name` on; return how many layers that unfroze."""
+    backbone = model.get_layer("backbone")
+    start = finetune_start(model, layer_name)
     backbone.trainable = True
     for layer in backbone.layers[:start]:
         layer.trainable = False

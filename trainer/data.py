@@ -215,7 +215,13 @@ def image_dataset(
         ds = ds.map(
             lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
         )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    # tf.data's autotuner off: with it on, ResNet50 fed by this pipeline ran at times (in about
+    # half of the runs, at random) on one core's worth of CPU, its two compute threads taking
+    # turns; with it off, every run used both cores (README, Performance). AUTOTUNE then means
+    # min(16, schedulable cores) decode calls, and two batches are read ahead.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(2).with_options(options)
 
 
 def worker_share(num_files: int, batch_size: int, workers: int) -> int:

@@ -320,8 +320,8 @@ def choose_jit_compile(
 ) -> bool | str:
     """`train.jit_compile` as Keras' `compile(jit_compile=...)` takes it: True, False or "auto".
     `auto` is Keras' own choice on GPUs and False without one: Keras' "auto" turns XLA on for
-    CPUs too, where it keeps ResNet50 on one core. Measured on the 2-core development machine,
-    backbone pass at 224 px in mixed_bfloat16, `predict` with XLA 18.7 images/s, without 33.6."""
+    CPUs too, where it measured no faster (BF16_CPU_SPEEDUP's table: 20.6 against 22.3 images/s
+    in float32; an earlier 18.7 against 33.6 was tf.data's autotuner, see trainer/data.py)."""
     value = str(jit_compile).strip().lower()
     if value not in ("auto", "true", "false"):
         raise TrainerError(f"train.jit_compile={jit_compile}: must be auto, true or false")

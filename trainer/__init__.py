@@ -1,4 +1,4 @@
-"""Fine-tune a frozen ImageNet ResNet50 on image folders; see README.md and DESIGN.md."""
+"""Fine-tune a frozen ImageNet ResNet50 on image folders; see README.md and docs/architecture.md."""
 
 
 class TrainerError(Exception):

@@ -42,6 +42,8 @@ INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in an Indexed Job's pods
 PLACEHOLDER_IMAGE = "ghcr.io/example/trainer:0.1.0"
 PLACEHOLDER_GSA = "trainer@PROJECT.iam.gserviceaccount.com"
 SERVICE_ACCOUNT = "trainer"
+# Hydra's own log and config stay on the pod's scratch; the run's outputs go to output.dir.
+HYDRA_IN_POD = ["hydra.run.dir=/scratch/hydra", "hydra.output_subdir=null"]
 
 EXIT_PERMANENT = [2, 3, 5]  # bad config/data, below min_accuracy, max_hours reached
 EXIT_PEER_LOST = 4
@@ -251,45 +253,46 @@ def job(
     max_hours: float | None = None,
     res: Resources = Resources(),
 ) -> dict:
-    """The batch/v1 Job: one run (`points` has one override list), `workers` > 1 workers of one
-    run (an Indexed Job), or a sweep (an Indexed Job, index i runs points[i])."""
-    common = ["hydra.run.dir=/scratch/hydra", "hydra.output_subdir=null"]
-    env, completions = [], workers
-    if sweep:
-        args, completions = common, len(points)
-        env.append({"name": SWEEP_ENV, "value": json.dumps(points)})
-        parallelism = min(parallelism, completions)
-    else:
-        args, parallelism = points[0] + common, workers
-    if workers > 1:
-        env += [
-            {"name": "TRAINER_WORKERS", "value": str(workers)},
-            {"name": "TRAINER_SERVICE", "value": name},
-            {"name": "TRAINER_PORT", "value": str(PORT)},
-            {"name": "TRAINER_JOB_NAME", "value": name},
-        ]
+    """The batch/v1 Job: one run (`points` holds its overrides), one run on `workers` > 1 pods
+    (an Indexed Job, index = worker), or a sweep (an Indexed Job, index i runs points[i])."""
+    pods = len(points) if sweep else workers  # completions
+    at_once = min(parallelism, pods) if sweep else workers
+    args = HYDRA_IN_POD if sweep else points[0] + HYDRA_IN_POD
     pod = {"restartPolicy": "Never"} | pod_spec(
-        container=CONTAINER, image=image, args=args, env=env, res=res
+        container=CONTAINER,
+        image=image,
+        args=args,
+        env=_job_env(name, points, sweep, workers),
+        res=res,
     )
-    spec = {
-        "backoffLimit": 3,  # crashes and OOMs; see pod_failure_policy for what is not counted
-        "activeDeadlineSeconds": deadline_seconds(
-            points=len(points), parallelism=parallelism, max_hours=max_hours
-        ),
-        "ttlSecondsAfterFinished": 604800,
-        "podFailurePolicy": pod_failure_policy(sweep=sweep, workers=workers),
-    }
-    if sweep:  # per index instead: one bad point does not fail the sweep
-        del spec["backoffLimit"]
-        spec["backoffLimitPerIndex"] = 2
-    if completions > 1 or sweep:
-        spec |= {"completionMode": "Indexed", "completions": completions}
-        spec["parallelism"] = parallelism
     if workers > 1:
-        pod["subdomain"] = name
+        pod["subdomain"] = name  # with headless_service: NAME-i.NAME resolves to worker i
         pod["containers"][0]["ports"] = [{"name": "grpc", "containerPort": PORT}]
+    # A sweep counts retries per index, so one bad point does not fail the others.
+    spec = {"backoffLimitPerIndex": 2} if sweep else {"backoffLimit": 3}  # crashes, OOMs
+    spec["activeDeadlineSeconds"] = deadline_seconds(
+        points=len(points) if sweep else 1, parallelism=at_once, max_hours=max_hours
+    )
+    spec["ttlSecondsAfterFinished"] = 604800
+    spec["podFailurePolicy"] = pod_failure_policy(sweep=sweep, workers=workers)
+    if sweep or workers > 1:
+        spec |= {"completionMode": "Indexed", "completions": pods, "parallelism": at_once}
     spec["template"] = {"metadata": {"labels": _metadata(name)["labels"]}, "spec": pod}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(name), "spec": spec}
+
+
+def _job_env(name: str, points: list[list[str]], sweep: bool, workers: int) -> list[dict]:
+    """What the trainer reads from its environment: its sweep point, or its fellow workers."""
+    if sweep:
+        return [{"name": SWEEP_ENV, "value": json.dumps(points)}]
+    if workers == 1:
+        return []
+    return [
+        {"name": "TRAINER_WORKERS", "value": str(workers)},
+        {"name": "TRAINER_SERVICE", "value": name},
+        {"name": "TRAINER_PORT", "value": str(PORT)},
+        {"name": "TRAINER_JOB_NAME", "value": name},
+    ]
 
 
 def manifests(*, name: str, gsa: str, namespace: str | None = None, **job_args) -> list[dict]:

@@ -484,3 +484,12 @@ def test_tensorboard_script_applies_the_deployment_and_port_forwards(rendered):
     assert docs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == "trainer"
     log = (rendered.parent / "kubectl.log").read_text()
     assert "ARGS port-forward service/trainer-tensorboard 6006:6006" in log
+
+
+def test_the_manifest_module_loads_without_tensorflow():
+    """scripts/submit.py and a launcher on a laptop render Jobs without TensorFlow installed."""
+    code = (
+        "import sys, trainer.kube; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr

@@ -86,21 +86,26 @@ def sweep_point_overrides(environ: Mapping[str, str] = os.environ) -> list[str]:
     return json.loads(environ[SWEEP_ENV])[int(environ[INDEX_ENV])]
 
 
+# Every path a pod reads or writes -> (the values it may take besides gs://, how to say them).
+POD_PATHS = {
+    "data.train_dir": ((), ""),
+    "data.test_dir": ((None,), " or null (split off data.train_dir)"),
+    "output.dir": ((), ""),
+    "model.weights": ((None, "imagenet"), ", imagenet (baked into the image) or null"),
+}
+
+
 def check_pod_paths(cfg) -> None:
-    """Raise TrainerError naming the first key a pod could not read or write: a pod sees only
-    gs:// and what its image holds (the ImageNet weights)."""
-    keep = "a pod sees only gs:// paths: upload it and pass"
-    for key, allowed in (
-        ("data.train_dir", ()),
-        ("data.test_dir", (None,)),
-        ("output.dir", ()),
-        ("model.weights", (None, "imagenet")),
-    ):
+    """Raise TrainerError naming the first key whose path a pod cannot reach: it sees only gs://
+    and what its image holds."""
+    for key, (allowed, alternatives) in POD_PATHS.items():
         section, name = key.split(".")
         value = cfg[section][name]
         if value not in allowed and not str(value).startswith("gs://"):
-            baked = " (or imagenet, baked into the image, or null)" if None in allowed else ""
-            raise TrainerError(f"{key}={value}: {keep} {key}=gs://BUCKET/...{baked}")
+            raise TrainerError(
+                f"{key}={value}: a pod sees only gs:// and its image's files: pass "
+                f"{key}=gs://BUCKET/...{alternatives}"
+            )
 
 
 def deadline_seconds(*, points: int, parallelism: int, max_hours: float | None) -> int:

@@ -21,7 +21,9 @@ after H hours with exit 5), P points and parallelism N, the points run in ceil(P
     activeDeadlineSeconds = ceil(P / N) * (H * 3600 + POINT_MARGIN_S) + JOB_MARGIN_S
 
 POINT_MARGIN_S covers what a point does outside its limit (scheduling, image pull, staging the
-data, writing metrics after the stop); JOB_MARGIN_S leaves room for about one retried point.
+data, writing metrics after the stop); JOB_MARGIN_S is slack for the Job as a whole. Retries are
+not budgeted: a point preempted late in the last wave can meet the deadline; submitting again with
+the same --name and output.dir resumes it from its backup.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ anything reaches the cluster, and the sweep it derives from Hydra."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import os
@@ -65,6 +67,12 @@ def submit(*args: str, path: str | None = None):
 
 
 def render(variant: str) -> list[dict]:
+    """The manifests `submit.py --dry-run` prints for one of VARIANTS (a fresh copy each call)."""
+    return copy.deepcopy(_rendered_documents(variant))
+
+
+@functools.cache
+def _rendered_documents(variant: str) -> list[dict]:
     extra = SWEEP if variant == "sweep" else []
     result = submit("--dry-run", *VARIANTS[variant], "--", *BASE, *extra)
     assert result.returncode == 0, result.stderr

@@ -131,81 +131,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def benchmark(args: argparse.Namespace, work: str) -> dict:
     """Generate the data, then measure the floor, the trainer and both recipes in turn."""
-    from trainer.synthetic import make_dataset
-
     started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()
     data = os.path.join(work, "data")
-    t0 = time.perf_counter()
-    counts = {}
-    for split, n, seed in (("train", args.train_images, 0), ("test", args.test_images, 1)):
-        shutil.rmtree(os.path.join(data, split), ignore_errors=True)
-        paths = make_dataset(
-            os.path.join(data, split),
-            CLASSES,
-            n // len(CLASSES),
-            min_size=300,
-            max_size=500,
-            seed=seed,
-        )
-        counts[split] = len(paths)
-    generation_s = time.perf_counter() - t0
-    print(
-        f"dataset: {counts['train']} train + {counts['test']} test JPEGs (300-500 px) "
-        f"in {generation_s:.0f} s, under {data}",
-        flush=True,
-    )
-
-    common = [
-        "--train-dir",
-        os.path.join(data, "train"),
-        "--test-dir",
-        os.path.join(data, "test"),
-        "--image-size",
-        str(args.image_size),
-        "--epochs",
-        str(args.epochs),
-    ]
-    results = {}
-    for name in ("floor", "trainer", "keras_guide", "seed_recipe"):
-        log_path = os.path.join(work, f"{name}.log")
-        result_path = os.path.join(work, f"{name}.json")
-        if name == "trainer":
-            out = os.path.join(work, "trainer-out")
-            command = [
-                sys.executable,
-                "-m",
-                "trainer",
-                f"data.train_dir={data}/train",
-                f"data.test_dir={data}/test",
-                "model.weights=null",
-                f"train.epochs={args.epochs}",
-                f"data.image_size={args.image_size}",
-                f"output.dir={out}",
-                f"hydra.run.dir={work}/hydra",
-            ]
-        else:
-            script = os.path.abspath(__file__)
-            command = [sys.executable, script, "_recipe", name, *common, "--result", result_path]
-        print(f"measuring {name} ...", flush=True)
-        seconds, cpu_s, rss_mb = run_measured(command, log_path, cwd=work)
-        if name == "trainer":
-            if not os.path.exists(os.path.join(out, "_SUCCESS")):
-                raise SystemExit(f"the trainer wrote no _SUCCESS in {out}; see {log_path}")
-            with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
-                metrics = json.load(f)
-            result = {
-                "accuracy": metrics["test_accuracy"],
-                "phases": trainer_phases(log_path, seconds, metrics),
-            }
-        else:
-            with open(result_path, encoding="utf-8") as f:
-                result = json.load(f)
-        if name == "floor":  # the timed pass alone, not the child's start-up
-            seconds, cpu_s = result["seconds"], result["cpu_s"]
-        results[name] = {"seconds": seconds, "rss_mb": rss_mb, **result, "cpu_s": cpu_s}
-        print(f"  {name}: {seconds:.1f} s, {cpu_s:.1f} CPU s, peak RSS {rss_mb:.0f} MB", flush=True)
-
+    counts, generation_s = make_data(args=args, data=data)
+    results = {
+        name: measure(name, args=args, data=data, work=work)
+        for name in ("floor", "trainer", "keras_guide", "seed_recipe")
+    }
     return {
         "floor_s": round(results["floor"]["seconds"], 2),
         "trainer_s": round(results["trainer"]["seconds"], 2),
@@ -229,6 +162,94 @@ def benchmark(args: argparse.Namespace, work: str) -> dict:
         "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
         "started_utc": started_utc,
         "dataset_generation_s": round(generation_s, 1),
+    }
+
+
+def make_data(*, args: argparse.Namespace, data: str) -> tuple[dict, float]:
+    """The two-class JPEG dataset under `data`; return the image counts per split and seconds."""
+    from trainer.synthetic import make_dataset
+
+    t0 = time.perf_counter()
+    counts = {}
+    for split, n, seed in (("train", args.train_images, 0), ("test", args.test_images, 1)):
+        shutil.rmtree(os.path.join(data, split), ignore_errors=True)
+        paths = make_dataset(
+            os.path.join(data, split),
+            CLASSES,
+            n // len(CLASSES),
+            min_size=300,
+            max_size=500,
+            seed=seed,
+        )
+        counts[split] = len(paths)
+    generation_s = time.perf_counter() - t0
+    print(
+        f"dataset: {counts['train']} train + {counts['test']} test JPEGs (300-500 px) "
+        f"in {generation_s:.0f} s, under {data}",
+        flush=True,
+    )
+    return counts, generation_s
+
+
+def measure(name: str, *, args: argparse.Namespace, data: str, work: str) -> dict:
+    """Run one contender in its own child process; return its seconds, CPU seconds, peak RSS
+    and what it reported (accuracy; the trainer's phases; the floor's batch size)."""
+    log_path = os.path.join(work, f"{name}.log")
+    result_path = os.path.join(work, f"{name}.json")
+    out = os.path.join(work, "trainer-out")
+    if name == "trainer":
+        command = trainer_command(args=args, data=data, out=out, work=work)
+    else:
+        common = [
+            "--train-dir",
+            os.path.join(data, "train"),
+            "--test-dir",
+            os.path.join(data, "test"),
+            "--image-size",
+            str(args.image_size),
+            "--epochs",
+            str(args.epochs),
+        ]
+        script = os.path.abspath(__file__)
+        command = [sys.executable, script, "_recipe", name, *common, "--result", result_path]
+    print(f"measuring {name} ...", flush=True)
+    seconds, cpu_s, rss_mb = run_measured(command, log_path, cwd=work)
+    if name == "trainer":
+        result = trainer_result(out=out, log_path=log_path, seconds=seconds)
+    else:
+        with open(result_path, encoding="utf-8") as f:
+            result = json.load(f)
+    if name == "floor":  # the timed pass alone, not the child's start-up
+        seconds, cpu_s = result["seconds"], result["cpu_s"]
+    print(f"  {name}: {seconds:.1f} s, {cpu_s:.1f} CPU s, peak RSS {rss_mb:.0f} MB", flush=True)
+    return {"seconds": seconds, "rss_mb": rss_mb, **result, "cpu_s": cpu_s}
+
+
+def trainer_command(*, args: argparse.Namespace, data: str, out: str, work: str) -> list[str]:
+    """`python -m trainer` on the benchmark's data, as a user would run it."""
+    return [
+        sys.executable,
+        "-m",
+        "trainer",
+        f"data.train_dir={data}/train",
+        f"data.test_dir={data}/test",
+        "model.weights=null",
+        f"train.epochs={args.epochs}",
+        f"data.image_size={args.image_size}",
+        f"output.dir={out}",
+        f"hydra.run.dir={work}/hydra",
+    ]
+
+
+def trainer_result(*, out: str, log_path: str, seconds: float) -> dict:
+    """The trainer's accuracy and phase times, from its published run (which must be complete)."""
+    if not os.path.exists(os.path.join(out, "_SUCCESS")):
+        raise SystemExit(f"the trainer wrote no _SUCCESS in {out}; see {log_path}")
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    return {
+        "accuracy": metrics["test_accuracy"],
+        "phases": trainer_phases(log_path, seconds, metrics),
     }
 
 
@@ -472,20 +493,11 @@ def run_recipe(argv: list[str]) -> int:
 def floor(train_dir: str, test_dir: str, image_size: int, epochs: int) -> dict:
     """ResNet50's forward pass over every image, decoded and resized beforehand (untimed), at the
     batch size that runs fastest here: the time no implementation with this backbone can beat."""
-    import glob
-
     import keras
     import numpy as np
     import tensorflow as tf
 
-    files = sorted(glob.glob(f"{train_dir}/*/*.jpg") + glob.glob(f"{test_dir}/*/*.jpg"))
-
-    def load(path):
-        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-        return tf.cast(tf.image.resize(image, [image_size, image_size]), tf.uint8)
-
-    ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    pixels = np.stack(list(ds.as_numpy_iterator()))  # uint8 [n, S, S, 3]: 4x less than float32
+    pixels = floor_pixels(train_dir, test_dir, image_size)
 
     # The floor runs at the precision the trainer picks here (train.precision=auto: bfloat16
     # on CPUs with native bf16), or it would be no floor for it; the recipes stay float32, as
@@ -532,6 +544,23 @@ def floor(train_dir: str, test_dir: str, image_size: int, epochs: int) -> dict:
         "precision": precision,
         "probes_images_per_s": probes,
     }
+
+
+def floor_pixels(train_dir: str, test_dir: str, image_size: int):
+    """Every image decoded and resized, in memory: uint8 [n, S, S, 3], 4x less than float32."""
+    import glob
+
+    import numpy as np
+    import tensorflow as tf
+
+    files = sorted(glob.glob(f"{train_dir}/*/*.jpg") + glob.glob(f"{test_dir}/*/*.jpg"))
+
+    def load(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        return tf.cast(tf.image.resize(image, [image_size, image_size]), tf.uint8)
+
+    ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return np.stack(list(ds.as_numpy_iterator()))
 
 
 def keras_guide(train_dir: str, test_dir: str, image_size: int, epochs: int) -> dict:

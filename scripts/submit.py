@@ -1,23 +1,23 @@
-"""Render the trainer's Kubernetes manifests from k8s/ and apply them with kubectl.
+"""Render the trainer's Kubernetes manifests (trainer/kube.py) and apply them with kubectl.
 
-    python scripts/submit.py --image IMG [--gpus N] [--workers N] [--name NAME] [--namespace NS]
-                             [--dry-run] [-m] -- HYDRA_OVERRIDES...
+    python scripts/submit.py --image IMG --gsa GSA [--gpus N] [--workers N] [--name NAME]
+                             [--namespace NS] [--max-hours H] [--dry-run] [-m] -- OVERRIDES...
 
 One run is a batch/v1 Job; `--workers N` an Indexed Job of N workers plus a headless Service
 (the trainer builds TF_CONFIG from its index); `-m` expands the override grid with Hydra's own
 parser and sweeper, exactly as `python -m trainer -m ...` would, into ONE Indexed Job with one
 index per combination, each writing to OUTPUT_DIR/NAME/INDEX. Every combination is composed and
-validated against the project's config before anything is submitted: a bad override exits 2.
+validated against the project's config before anything is submitted, and every path a pod reads
+or writes must be gs:// (or the image's baked ImageNet weights): a bad override exits 2.
+`--max-hours H` stops each point after H hours (exit 5) and sizes the Job's deadline from it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import string
 import subprocess
 import sys
 import time
@@ -28,11 +28,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer import TrainerError  # noqa: E402
+from trainer import TrainerError, config_error_line, kube  # noqa: E402
 
-K8S = REPO / "k8s"
-PORT = 2222
-DEFAULT_IMAGE = os.environ.get("TRAINER_IMAGE", "ghcr.io/example/trainer:0.1.0")
+DEFAULT_IMAGE = os.environ.get("TRAINER_IMAGE", kube.PLACEHOLDER_IMAGE)
 
 
 class SubmitError(Exception):
@@ -40,31 +38,61 @@ class SubmitError(Exception):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    res = kube.Resources()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", default=DEFAULT_IMAGE, help="trainer image (env TRAINER_IMAGE)")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per pod (0: CPU only)")
-    parser.add_argument("--workers", type=int, default=1, help="machines for one run")
-    parser.add_argument("--name", help="Job name (default: trainer-<time>)")
-    parser.add_argument("--namespace", help="namespace (default: the kubectl context's)")
-    parser.add_argument(
+    add = parser.add_argument
+    add(
+        "--image",
+        default=DEFAULT_IMAGE,
+        help="trainer image (env TRAINER_IMAGE; default: %(default)s, a placeholder for --dry-run)",
+    )
+    add(
+        "--gpus",
+        type=int,
+        default=res.gpus,
+        help="GPUs per pod, 0: CPU only (default: %(default)s)",
+    )
+    add("--workers", type=int, default=1, help="machines for one run (default: %(default)s)")
+    add("--name", help="Job name (default: trainer-<time>)")
+    add("--namespace", help="namespace (default: the kubectl context's)")
+    add(
         "--accelerator",
-        default="nvidia-l4",
-        help="GKE accelerator node label value ('' for no node selector)",
+        default=res.accelerator,
+        help="GKE accelerator node label value, '' for no node selector (default: %(default)s)",
     )
-    parser.add_argument(
+    add(
         "--gsa",
-        default="trainer@PROJECT.iam.gserviceaccount.com",
-        help="Google service account for Workload Identity",
+        default=kube.PLACEHOLDER_GSA,
+        help="Google service account for Workload Identity "
+        "(default: %(default)s, a placeholder for --dry-run)",
     )
-    parser.add_argument("--cpu", default="8", help="CPU request and limit per pod")
-    parser.add_argument("--memory", default="32Gi", help="memory request and limit per pod")
-    parser.add_argument("--parallelism", type=int, default=4, help="sweep points run at once")
-    parser.add_argument("--dry-run", action="store_true", help="print the manifests, apply nothing")
-    parser.add_argument("-m", "--multirun", action="store_true", help="expand a sweep grid")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
+    add("--cpu", default=res.cpu, help="CPU request and limit per pod (default: %(default)s)")
+    add(
+        "--memory",
+        default=res.memory,
+        help="memory request and limit per pod (default: %(default)s)",
+    )
+    add(
+        "--parallelism", type=int, default=4, help="sweep points run at once (default: %(default)s)"
+    )
+    add(
+        "--max-hours",
+        type=float,
+        help="stop each point after this many hours (exit 5) and size the Job's deadline from it "
+        f"(default: none; the Job's deadline is {kube.DEFAULT_DEADLINE_S // 3600} h)",
+    )
+    add("--dry-run", action="store_true", help="print the manifests, apply nothing")
+    add("-m", "--multirun", action="store_true", help="expand a sweep grid")
+    add("overrides", nargs="*", help="Hydra overrides (after --)")
     args = parser.parse_args(argv)
     if args.name is None:
         args.name = "trainer-" + time.strftime("%Y%m%d-%H%M%S")
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags alone, before any override is composed."""
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", args.name):
         raise SubmitError(f"--name {args.name}: use lowercase letters, digits and '-' (<= 42)")
     for flag, value, least in (
@@ -74,9 +102,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ):
         if value < least:
             raise SubmitError(f"{flag} {value}: must be >= {least}")
+    if args.max_hours is not None and not args.max_hours > 0:
+        raise SubmitError(f"--max-hours {args.max_hours}: must be > 0")
     if args.multirun and args.workers > 1:
         raise SubmitError("-m with --workers > 1: submit multi-worker runs one at a time")
-    return args
+    if any(o.lstrip("+~").startswith("train.max_hours=") for o in args.overrides):
+        raise SubmitError("train.max_hours: pass --max-hours instead (it also sizes the deadline)")
+    if args.dry_run:  # placeholders are fine for reading the manifests
+        return
+    if args.image == kube.PLACEHOLDER_IMAGE:
+        raise SubmitError(
+            f"--image: {args.image} is a placeholder: pass --image REGISTRY/trainer:TAG "
+            "(or set TRAINER_IMAGE) with the image you pushed"
+        )
+    if args.gsa == kube.PLACEHOLDER_GSA:
+        raise SubmitError(
+            f"--gsa: {args.gsa} is a placeholder: pass --gsa NAME@PROJECT.iam.gserviceaccount.com, "
+            "the Google service account with access to your bucket"
+        )
 
 
 def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -98,99 +141,64 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 
 def check(combo: list[str]) -> None:
-    """Compose and validate `combo` with the project's own config, as the trainer would."""
+    """Compose and validate `combo` with the project's own config, as the trainer would, and
+    check that a pod can reach every path it names."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.__main__ import _config_error_line
     from trainer.config import register_configs, validate
 
-    register_configs()
-    try:
-        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=combo)
-        validate(cfg)
-    except (HydraException, OmegaConfBaseException) as error:
-        raise SubmitError(f"config error: {_config_error_line(error)}") from error
-    except TrainerError as error:
-        raise SubmitError(str(error)) from error
     keys = {o.split("=", 1)[0].lstrip("+~") for o in combo}
     if "output.dir" not in keys:
         raise SubmitError(
             "output.dir is required on the cluster (the pod's disk is scratch): "
             "pass output.dir=gs://BUCKET/PATH"
         )
+    register_configs()
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=combo)
+        validate(cfg)
+        kube.check_pod_paths(cfg)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise SubmitError(f"config error: {config_error_line(error)}") from error
+    except TrainerError as error:
+        raise SubmitError(str(error)) from error
 
 
-def _load(template: str, **values) -> dict:
-    """A k8s/ template with ${...} fields filled by JSON values (JSON is valid YAML)."""
-    text = (K8S / template).read_text()
-    return yaml.safe_load(
-        string.Template(text).substitute({k: json.dumps(v) for k, v in values.items()})
-    )
+def points(args: argparse.Namespace, combos: list[list[str]]) -> list[list[str]]:
+    """Each run's overrides as the pod receives them: a sweep point writes to OUTPUT_DIR/NAME/i,
+    and --max-hours becomes train.max_hours (added after check(): the flag is already checked)."""
+    limit = [f"train.max_hours={args.max_hours}"] if args.max_hours is not None else []
+    if not args.multirun:
+        return [combos[0] + limit]
+    # In Hydra's override syntax: the sweeper escapes ':' (gs\\://...); the trainer unescapes it.
+    output_dir = next(o.split("=", 1)[1] for o in combos[0] if o.startswith("output.dir="))
+    return [
+        [o for o in combo if not o.startswith("output.dir=")]
+        + limit
+        + [f"output.dir={output_dir.rstrip('/')}/{args.name}/{index}"]
+        for index, combo in enumerate(combos)
+    ]
 
 
 def render(args: argparse.Namespace, combos: list[list[str]]) -> list[dict]:
     """The manifests for this submission, in apply order."""
-    # In Hydra's override syntax: the sweeper escapes ':' (gs\://...); the trainer unescapes it.
-    output_dir = next(o.split("=", 1)[1] for o in combos[0] if o.startswith("output.dir="))
-    common = ["hydra.run.dir=/scratch/hydra", "hydra.output_subdir=null"]
-    job = _load(
-        "job.yaml",
-        NAME=args.name,
-        IMAGE=args.image,
-        ARGS=[],
-        GPUS=args.gpus,
-        ACCELERATOR=args.accelerator,
-        CPU=args.cpu,
-        MEMORY=args.memory,
-        SCRATCH="100Gi",
+    return kube.manifests(
+        name=args.name,
+        gsa=args.gsa,
+        namespace=args.namespace,
+        image=args.image,
+        points=points(args, combos),
+        sweep=args.multirun,
+        workers=args.workers,
+        parallelism=args.parallelism,
+        max_hours=args.max_hours,
+        res=kube.Resources(
+            gpus=args.gpus, accelerator=args.accelerator, cpu=args.cpu, memory=args.memory
+        ),
     )
-    spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    if args.gpus == 0 or not args.accelerator:
-        del pod["nodeSelector"]
-    if args.gpus == 0:
-        del pod["tolerations"]
-        for kind in ("requests", "limits"):
-            del container["resources"][kind]["nvidia.com/gpu"]
-
-    manifests = [_load("serviceaccount.yaml", GSA=args.gsa)]
-    if args.multirun:
-        points = [combo[:] for combo in combos]
-        for index, combo in enumerate(points):
-            combo[:] = [o for o in combo if not o.startswith("output.dir=")]
-            combo.append(f"output.dir={output_dir.rstrip('/')}/{args.name}/{index}")
-        container["args"] = common
-        container["env"].append({"name": "TRAINER_SWEEP", "value": json.dumps(points)})
-        spec.update(
-            completionMode="Indexed",
-            completions=len(points),
-            parallelism=min(args.parallelism, len(points)),
-            backoffLimitPerIndex=2,
-        )
-        del spec["backoffLimit"]  # per index instead: one bad point does not fail the sweep
-        spec["podFailurePolicy"]["rules"][0]["action"] = "FailIndex"
-    elif args.workers > 1:
-        container["args"] = combos[0] + common
-        spec.update(completionMode="Indexed", completions=args.workers, parallelism=args.workers)
-        pod["subdomain"] = args.name
-        container["ports"] = [{"name": "grpc", "containerPort": PORT}]
-        container["env"] += [
-            {"name": "TRAINER_WORKERS", "value": str(args.workers)},
-            {"name": "TRAINER_SERVICE", "value": args.name},
-            {"name": "TRAINER_PORT", "value": str(PORT)},
-            {"name": "TRAINER_JOB_NAME", "value": args.name},
-        ]
-        manifests.append(_load("service.yaml", NAME=args.name))
-    else:
-        container["args"] = combos[0] + common
-    manifests += [_load("networkpolicy.yaml", NAME=args.name), job]
-    if args.namespace:
-        for manifest in manifests:
-            manifest["metadata"]["namespace"] = args.namespace
-    return manifests
 
 
 def follow_up(args: argparse.Namespace) -> list[str]:

@@ -1,10 +1,15 @@
-"""Kubernetes: the manifests scripts/submit.py renders, validated as a cluster and a policy
-scanner would (kubernetes-validate --strict, checkov), and the sweep it derives from Hydra."""
+"""Kubernetes: the manifests scripts/submit.py renders (trainer/kube.py), validated as a cluster and
+a policy scanner would (kubernetes-validate --strict, checkov), the checks it makes before
+anything reaches the cluster, and the sweep it derives from Hydra."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,20 +19,38 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, last_error_line, run_trainer
+from trainer import kube
 
 BASE = [
     "data.train_dir=gs://bucket/hotdog/train",
     "data.test_dir=gs://bucket/hotdog/test",
     "output.dir=gs://bucket/runs",
 ]
+REAL = ["--image", "registry.example/trainer:1", "--gsa", "sa@proj.iam.gserviceaccount.com"]
 VARIANTS = {
     "one_gpu": ["--name", "one"],
-    "four_gpus": ["--name", "four", "--gpus", "4"],
+    "four_gpus": ["--name", "four", "--gpus", "4", "--accelerator", "nvidia-h100-80gb"],
     "cpu_only": ["--name", "cpu", "--gpus", "0", "--namespace", "ml"],
-    "three_workers": ["--name", "multi", "--workers", "3"],
-    "sweep": ["--name", "sweep", "-m"],
+    "three_workers": [
+        "--name",
+        "multi",
+        "--workers",
+        "3",
+        "--gsa",
+        "ml@proj.iam.gserviceaccount.com",
+    ],
+    "sweep": ["--name", "sweep", "-m", "--max-hours", "2"],
 }
 SWEEP = ["train.learning_rate=1e-3,1e-4", "model.dropout=0.2,0.5", "data.augment=false,true"]
+
+
+def tool(name: str) -> str:
+    """A command-line tool installed beside this interpreter (a venv need not be on PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[dev]'")
+    return found
 
 
 def submit(*args: str, path: str | None = None):
@@ -44,6 +67,12 @@ def submit(*args: str, path: str | None = None):
 
 
 def render(variant: str) -> list[dict]:
+    """The manifests `submit.py --dry-run` prints for one of VARIANTS (a fresh copy each call)."""
+    return copy.deepcopy(_rendered_documents(variant))
+
+
+@functools.cache
+def _rendered_documents(variant: str) -> list[dict]:
     extra = SWEEP if variant == "sweep" else []
     result = submit("--dry-run", *VARIANTS[variant], "--", *BASE, *extra)
     assert result.returncode == 0, result.stderr
@@ -94,48 +123,96 @@ def applied_documents(log: Path) -> str:
 def test_every_rendered_manifest_passes_kubernetes_validate_strict(rendered):
     files = sorted(str(p) for p in rendered.glob("*.yaml") if p.name != "tfjob.yaml")
     result = subprocess.run(
-        ["kubernetes-validate", "--strict", "--quiet", *files], capture_output=True, text=True
+        [tool("kubernetes-validate"), "--strict", "--quiet", *files],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def undocumented_skips(config: list[str]) -> list[str]:
+    """The skipped checks of a .checkov.yaml without their own reason: a comment block right
+    above each one (a reason above a previous skip does not count)."""
+    return [
+        line.strip()
+        for above, line in zip(["", *config], config, strict=False)
+        if line.strip().startswith("- CKV") and not above.strip().startswith("#")
+    ]
+
+
 def test_every_manifest_passes_checkov_with_only_documented_skips(rendered):
     result = subprocess.run(
-        ["checkov", "--config-file", str(REPO / ".checkov.yaml"), "-d", str(rendered)],
+        [tool("checkov"), "--config-file", str(REPO / ".checkov.yaml"), "-d", str(rendered)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout[-4000:]
     assert "Failed checks: 0" in result.stdout
     config = (REPO / ".checkov.yaml").read_text().splitlines()
-    skips = [i for i, line in enumerate(config) if line.strip().startswith("- CKV")]
-    for i in skips:  # each skipped check has its reason in the comment just above it
-        assert config[i - 1].strip().startswith(("#", "- CKV")), config[i]
+    assert any(line.strip().startswith("- CKV") for line in config)
+    assert undocumented_skips(config) == []
+    # The check itself: a skip planted right under another skip has no reason of its own.
+    planted = ["skip-check:", "  # reason", "  - CKV_K8S_21", "  - CKV_K8S_43"]
+    assert undocumented_skips(planted) == ["- CKV_K8S_43"]
 
 
-def test_one_run_job_fails_fast_on_exit_2_and_3_and_ignores_preemption():
+def first_action(policy: dict, *, exit_code: int | None = None, condition: str | None = None):
+    """What the Job controller does with a failed pod: the first matching rule's action
+    (None: no rule matches, the failure counts against the backoff limit)."""
+    for rule in policy["rules"]:
+        codes = rule.get("onExitCodes", {})
+        if exit_code is not None and codes.get("operator") == "In" and exit_code in codes["values"]:
+            return rule["action"]
+        pod_conditions = [c["type"] for c in rule.get("onPodConditions", [])]
+        if condition is not None and condition in pod_conditions:
+            return rule["action"]
+    return None
+
+
+def test_one_run_job_fails_fast_on_exit_2_3_5_and_ignores_preemption():
     docs = by_kind(render("four_gpus"))
     job = docs["Job"]["spec"]
     pod = job["template"]["spec"]
     container = pod["containers"][0]
-    rules = job["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 3]
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    policy = job["podFailurePolicy"]
+    for code in (2, 3, 5):
+        assert first_action(policy, exit_code=code) == "FailJob", code
+    for code in (1, 4, 137):  # a crash, an OOM kill; no peers to lose in one pod
+        assert first_action(policy, exit_code=code) is None, code
+    assert first_action(policy, condition="DisruptionTarget") == "Ignore"
+    assert {r["onExitCodes"]["containerName"] for r in policy["rules"] if "onExitCodes" in r} == {
+        container["name"]
+    }
     assert pod["restartPolicy"] == "Never"
     assert job["backoffLimit"] >= 1 and job["activeDeadlineSeconds"] > 0
     assert job["ttlSecondsAfterFinished"] > 0
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"]
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm", "/scratch", "/tmp"}
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     assert security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
-    assert pod["serviceAccountName"] == "trainer"
-    assert "iam.gke.io/gcp-service-account" in docs["ServiceAccount"]["metadata"]["annotations"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"] == "trainer"
     assert container["args"][: len(BASE)] == BASE
     assert "hydra.run.dir=/scratch/hydra" in container["args"]
+
+
+def test_gsa_and_accelerator_land_where_gke_reads_them_and_no_namespace_by_default():
+    docs = render("three_workers")
+    kinds = by_kind(docs)
+    annotations = kinds["ServiceAccount"]["metadata"]["annotations"]
+    assert annotations == {"iam.gke.io/gcp-service-account": "ml@proj.iam.gserviceaccount.com"}
+    pod = kinds["Job"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}  # the default
+    assert all("namespace" not in doc["metadata"] for doc in docs)
+
+    result = submit("--dry-run", "--accelerator", "", "--", *BASE)
+    assert result.returncode == 0, result.stderr
+    pod = by_kind(list(yaml.safe_load_all(result.stdout)))["Job"]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and pod["tolerations"]  # any GPU node
 
 
 def test_cpu_only_run_asks_for_no_gpu_and_lands_in_the_namespace():
@@ -158,6 +235,162 @@ def test_three_workers_are_one_indexed_job_behind_a_headless_service():
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     assert env["TRAINER_WORKERS"] == "3" and env["TRAINER_SERVICE"] == "multi"
     assert env["TRAINER_JOB_NAME"] == "multi" and env["TRAINER_PORT"] == "2222"
+
+
+def test_a_lost_peer_costs_no_retry_but_a_crash_and_permanent_errors_still_count():
+    job = by_kind(render("three_workers"))["Job"]["spec"]
+    policy = job["podFailurePolicy"]
+    assert first_action(policy, exit_code=4) == "Ignore"  # survivors of a preempted worker
+    assert first_action(policy, condition="DisruptionTarget") == "Ignore"
+    for code in (2, 3, 5):
+        assert first_action(policy, exit_code=code) == "FailJob", code
+    assert first_action(policy, exit_code=1) is None and job["backoffLimit"] >= 1
+    assert job["activeDeadlineSeconds"] > 0  # what still bounds endless lost peers
+    container = job["template"]["spec"]["containers"][0]["name"]
+    assert {r["onExitCodes"]["containerName"] for r in policy["rules"] if "onExitCodes" in r} == {
+        container
+    }
+
+
+def test_multirun_with_workers_is_refused():
+    result = submit("--dry-run", "-m", "--workers", "2", "--", *BASE, "model.dropout=0.1,0.2")
+    assert result.returncode == 2
+    assert last_error_line(result) == (
+        "submit: error: -m with --workers > 1: submit multi-worker runs one at a time"
+    )
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.test_dir=data/hotdog/test", "data.test_dir"),
+        ("data.train_dir=/home/me/train", "data.train_dir"),
+        ("output.dir=runs/first", "output.dir"),
+        ("model.weights=/tmp/resnet50_notop.h5", "model.weights"),
+    ],
+)
+def test_a_path_no_pod_can_reach_is_refused_naming_its_key(tmp_path, override, key):
+    log = tmp_path / "kubectl.log"
+    bin_dir = fake_kubectl(tmp_path / "bin", log)
+    overrides = [o for o in BASE if not o.startswith(key + "=")] + [override]
+    result = submit(*REAL, "--", *overrides, path=f"{bin_dir}:{os.environ['PATH']}")
+    assert result.returncode == 2, result.stderr
+    assert last_error_line(result).startswith(f"submit: error: {override}: ")
+    assert "gs://" in last_error_line(result)
+    assert not log.exists()
+
+
+def test_paths_the_image_holds_and_a_preset_with_gs_paths_are_accepted():
+    for weights in ("model.weights=imagenet", "model.weights=null", "model.weights=gs://b/w.h5"):
+        result = submit("--dry-run", "--", *BASE, weights, "data.test_dir=null")
+        assert result.returncode == 0, (weights, result.stderr)
+
+
+def test_a_preset_local_test_dir_is_refused_when_only_train_dir_is_overridden():
+    """The issue's case: experiment=hotdog keeps its local data/hotdog/test."""
+    result = submit(
+        "--dry-run", "--", "experiment=hotdog", "data.train_dir=gs://b/t", "output.dir=gs://b/r"
+    )
+    assert result.returncode == 2
+    assert last_error_line(result).startswith("submit: error: data.test_dir=data/hotdog/test: ")
+
+
+@pytest.mark.parametrize(
+    "flags, env, named",
+    [
+        (["--gsa", "sa@proj.iam.gserviceaccount.com"], {}, "--image"),
+        (["--image", "registry.example/trainer:1"], {}, "--gsa"),
+        ([], {"TRAINER_IMAGE": "registry.example/trainer:1"}, "--gsa"),
+    ],
+)
+def test_a_real_submit_of_a_placeholder_is_refused_naming_the_flag(tmp_path, flags, env, named):
+    log = tmp_path / "kubectl.log"
+    bin_dir = fake_kubectl(tmp_path / "bin", log)
+    environ = {k: v for k, v in os.environ.items() if k != "TRAINER_IMAGE"}
+    environ |= env | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "submit.py"), *flags, "--", *BASE],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert last_error_line(result).startswith(f"submit: error: {named}: ")
+    assert "placeholder" in last_error_line(result)
+    assert not log.exists()
+
+
+def test_help_shows_every_default():
+    result = submit("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    defaults = {
+        "--gpus": "1",
+        "--accelerator": "nvidia-l4",
+        "--cpu": "8",
+        "--memory": "32Gi",
+        "--parallelism": "4",
+        "--gsa": "trainer@PROJECT.iam.gserviceaccount.com",
+    }
+    for flag, value in defaults.items():
+        described = re.search(rf"{flag} [A-Z_]+ (.*?)(?= -[-a-z]|$)", text)  # not the usage line
+        assert described and re.search(rf"\(default: {re.escape(value)}[,)]", described[1]), flag
+
+
+def test_sweep_points_get_the_time_limit_and_the_deadline_covers_every_wave():
+    job = by_kind(render("sweep"))["Job"]["spec"]
+    env = {e["name"]: e["value"] for e in job["template"]["spec"]["containers"][0]["env"]}
+    points = json.loads(env["TRAINER_SWEEP"])
+    assert all("train.max_hours=2.0" in point for point in points)
+    # 8 points, 4 at a time (the default parallelism): 2 waves of at most 2 h each
+    assert job["parallelism"] == 4
+    assert 2 * 2 * 3600 < job["activeDeadlineSeconds"] <= 2 * 2 * 3600 + 3600
+    policy = job["podFailurePolicy"]
+    for code in (2, 3, 5):  # one bad or slow point fails alone
+        assert first_action(policy, exit_code=code) == "FailIndex", code
+    assert first_action(policy, condition="DisruptionTarget") == "Ignore"
+
+
+def test_the_deadline_follows_points_parallelism_and_limit():
+    result = submit(
+        "--dry-run", "-m", "--parallelism", "3", "--max-hours", "0.5", "--", *BASE, *SWEEP
+    )
+    assert result.returncode == 0, result.stderr
+    deadline = by_kind(list(yaml.safe_load_all(result.stdout)))["Job"]["spec"][
+        "activeDeadlineSeconds"
+    ]
+    waves = math.ceil(8 / 3)
+    assert waves * 1800 < deadline <= waves * 1800 + 3600
+    one = by_kind(render("one_gpu"))["Job"]["spec"]["activeDeadlineSeconds"]
+    assert one == 24 * 3600  # no limit: one day, as before
+
+
+def test_train_max_hours_as_an_override_is_refused_in_favour_of_the_flag():
+    result = submit("--dry-run", "--", *BASE, "train.max_hours=3")
+    assert result.returncode == 2
+    assert "--max-hours" in last_error_line(result)
+
+
+def test_tfjob_example_is_generated_from_the_same_pod_as_the_job():
+    assert (REPO / "k8s" / "tfjob.yaml").read_text() == kube.tfjob_example_text()
+    tfjob = yaml.safe_load(kube.tfjob_example_text())
+    pod = tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    job_pod = by_kind(render("one_gpu"))["Job"]["spec"]["template"]["spec"]
+    container, job_container = pod["containers"][0], job_pod["containers"][0]
+    assert container["name"] == "tensorflow"  # the operator's expected container name
+    for key in ("resources", "securityContext", "volumeMounts"):
+        assert container[key] == job_container[key], key
+    assert pod["securityContext"] == job_pod["securityContext"]
+    assert pod["volumes"] == job_pod["volumes"]
+
+
+def test_tensorboard_pod_has_the_trainer_security_context(rendered):
+    docs = by_kind(list(yaml.safe_load_all((rendered / "tensorboard.yaml").read_text())))
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    job_pod = by_kind(render("one_gpu"))["Job"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["securityContext"] == job_pod["containers"][0]["securityContext"]
+    assert pod["securityContext"].items() <= job_pod["securityContext"].items()
 
 
 RECORDER = """
@@ -200,7 +433,8 @@ def test_sweep_renders_exactly_the_combinations_hydra_multirun_runs(tmp_path):
     assert job["spec"]["podFailurePolicy"]["rules"][0]["action"] == "FailIndex"
     for index, (point, run) in enumerate(zip(points, hydra_runs, strict=True)):
         assert f"output.dir=gs\\://bucket/runs/sweep/{index}" in point  # Hydra's escaping
-        assert [o for o in point if not o.startswith("output.dir=")] == [
+        assert point[-2] == "train.max_hours=2.0"  # --max-hours, on every point
+        assert [o for o in point[:-2] if not o.startswith("output.dir=")] == [
             o for o in run if not o.startswith("output.dir=")
         ]
 
@@ -217,7 +451,12 @@ def test_bad_override_is_refused_before_anything_is_submitted(tmp_path):
     log = tmp_path / "kubectl.log"
     bin_dir = fake_kubectl(tmp_path / "bin", log)
     result = submit(
-        "-m", "--", *BASE, "train.learning_rate=1e-3,abc", path=f"{bin_dir}:{os.environ['PATH']}"
+        *REAL,
+        "-m",
+        "--",
+        *BASE,
+        "train.learning_rate=1e-3,abc",
+        path=f"{bin_dir}:{os.environ['PATH']}",
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -236,7 +475,9 @@ def test_missing_output_dir_is_refused(tmp_path):
 def test_submit_applies_with_kubectl_and_prints_how_to_follow_the_run(tmp_path):
     log = tmp_path / "kubectl.log"
     bin_dir = fake_kubectl(tmp_path / "bin", log)
-    result = submit("--name", "demo-run", "--", *BASE, path=f"{bin_dir}:{os.environ['PATH']}")
+    result = submit(
+        *REAL, "--name", "demo-run", "--", *BASE, path=f"{bin_dir}:{os.environ['PATH']}"
+    )
     assert result.returncode == 0, result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(applied_documents(log))]
     assert kinds == ["ServiceAccount", "NetworkPolicy", "Job"]
@@ -251,3 +492,12 @@ def test_tensorboard_script_applies_the_deployment_and_port_forwards(rendered):
     assert docs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == "trainer"
     log = (rendered.parent / "kubectl.log").read_text()
     assert "ARGS port-forward service/trainer-tensorboard 6006:6006" in log
+
+
+def test_the_manifest_module_loads_without_tensorflow():
+    """scripts/submit.py and a launcher on a laptop render Jobs without TensorFlow installed."""
+    code = (
+        "import sys, trainer.kube; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr

@@ -7,3 +7,20 @@ class TrainerError(Exception):
 
 class BelowMinAccuracy(Exception):
     """The run trained but missed `train.min_accuracy`. Exit code 3; metrics written, no export."""
+
+
+def config_error_line(error: BaseException) -> str:
+    """One line naming the key, from Hydra's and OmegaConf's multi-line messages (the trainer's
+    and scripts/submit.py's config errors)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = error
+    while not isinstance(cause, OmegaConfBaseException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        msg = getattr(cause, "msg", None) or str(cause)
+        msg = msg.splitlines()[0] if msg else type(cause).__name__
+        return f"{key}: {msg}" if key else msg
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__

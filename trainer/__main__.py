@@ -6,7 +6,6 @@ Composes the config, runs the job, maps errors to exit codes (2: bad config or d
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,8 +17,9 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from trainer import BelowMinAccuracy, TrainerError  # noqa: E402
+from trainer import BelowMinAccuracy, TrainerError, config_error_line  # noqa: E402
 from trainer.config import register_configs  # noqa: E402
+from trainer.kube import sweep_point_overrides  # noqa: E402
 
 register_configs()
 
@@ -54,28 +54,6 @@ def _exit(code: int, line: str) -> None:
     sys.exit(code)
 
 
-def _config_error_line(error: BaseException) -> str:
-    """One line naming the key, from Hydra's and OmegaConf's multi-line messages."""
-    cause = error
-    while not isinstance(cause, OmegaConfBaseException) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, OmegaConfBaseException):
-        key = getattr(cause, "full_key", None)
-        msg = getattr(cause, "msg", None) or str(cause)
-        msg = msg.splitlines()[0] if msg else type(cause).__name__
-        return f"{key}: {msg}" if key else msg
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(error).__name__
-
-
-def sweep_point_overrides(environ=os.environ) -> list[str]:
-    """In a sweep's Indexed Job, this pod's overrides: scripts/submit.py puts every point's
-    override list in TRAINER_SWEEP (JSON) and Kubernetes sets JOB_COMPLETION_INDEX."""
-    if "TRAINER_SWEEP" not in environ or "JOB_COMPLETION_INDEX" not in environ:
-        return []
-    return json.loads(environ["TRAINER_SWEEP"])[int(environ["JOB_COMPLETION_INDEX"])]
-
-
 def main() -> None:
     """Console script `trainer`; the same as `python -m trainer`."""
     sys.argv += sweep_point_overrides()
@@ -84,7 +62,7 @@ def main() -> None:
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
-        _exit(2, f"trainer: config error: {_config_error_line(error)}")
+        _exit(2, f"trainer: config error: {config_error_line(error)}")
 
 
 if __name__ == "__main__":

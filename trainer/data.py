@@ -67,6 +67,21 @@ def list_image_folder(root: str, key: str) -> dict[str, list[str]]:
     return found
 
 
+def stage_image_folder(uri: str, cache_dir: str, key: str) -> str:
+    """A local folder holding the image folder at `uri` (the folder itself when it is local);
+    only image files are downloaded: the listing counts nothing else."""
+    from trainer.gcs import stage_dir
+
+    def is_image(relative: str) -> bool:
+        parts = relative.split("/")
+        return relative.lower().endswith(IMAGE_EXTENSIONS) and not any(
+            part.startswith(".") for part in parts
+        )
+
+    what = f"objects ({', '.join(IMAGE_EXTENSIONS)})"
+    return stage_dir(uri, cache_dir, key, keep=is_image, what=what)
+
+
 def _to_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
     files, labels = [], []
     for label, name in enumerate(classes):

@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import BelowMinAccuracy
 from trainer.config import validate
-from trainer.data import drop_bad_images, load_splits
-from trainer.storage import BACKUP, Output, stage_dir, stage_file
+from trainer.data import drop_bad_images, load_splits, stage_image_folder
+from trainer.gcs import stage_file
+from trainer.output import Output
+from trainer.rundir import BACKUP
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,10 @@ def run(cfg: DictConfig) -> dict:
     d, m, s = cfg.data, cfg.model, cfg.storage
     output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
     output.check()  # read-only here: only the chief may clear anything, and it is not known yet
-    train_dir = stage_dir(d.train_dir, s.cache_dir, "data.train_dir")
-    test_dir = None if d.test_dir is None else stage_dir(d.test_dir, s.cache_dir, "data.test_dir")
+    train_dir = stage_image_folder(d.train_dir, s.cache_dir, "data.train_dir")
+    test_dir = (
+        None if d.test_dir is None else stage_image_folder(d.test_dir, s.cache_dir, "data.test_dir")
+    )
     weights = m.weights
     if weights not in (None, "imagenet"):
         weights = stage_file(weights, s.cache_dir, "model.weights")

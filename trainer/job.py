@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import shutil
-import tempfile
 import time
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +20,7 @@ from trainer.config import validate
 from trainer.data import drop_bad_images, load_splits, stage_image_folder
 from trainer.gcs import stage_file
 from trainer.output import Output
-from trainer.rundir import BACKUP
+from trainer.rundir import RunDir, worker_scratch
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     # the end (Keras' callbacks and the export need somewhere to write on every worker).
     if chief:
         output.prepare()
-    out_dir = output.local_dir if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+    out_dir = output.local_dir if chief else worker_scratch()
     if not chief and output.fetch_backup(out_dir):  # resume where the chief resumes
         log.info("worker resumes from the backup in %s", cfg.output.dir)
     try:
@@ -107,7 +106,8 @@ def _train_and_export(
     log.info("batch size: %d per replica x %d replica(s) = %d", d.batch_size, replicas, batch)
     workers = worker_shard(strategy)  # (count, index): each worker decodes its share of files
     jit_compile = choose_jit_compile(t.jit_compile, strategy)
-    log_dir = os.path.join(out_dir, "tensorboard")
+    run_dir = RunDir(out_dir)
+    log_dir = run_dir.tensorboard
     timings: dict[str, float] = {}
     sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]
 
@@ -135,8 +135,7 @@ def _train_and_export(
     total_epochs = t.epochs + t.finetune_epochs
     # Backups let a preempted pod's retry resume (train.backup_every_steps). Phase 1's end is
     # kept as full-model weights, so a retry during fine-tuning skips phase 1 altogether.
-    backup_root = os.path.join(out_dir, BACKUP)
-    phase1_done = os.path.join(backup_root, "phase1_done.weights.h5")
+    phase1_done = run_dir.phase1_done
     # What every training phase shares; each call adds its data, rate, epochs and backup folder.
     train_phase = functools.partial(
         fit,
@@ -156,7 +155,7 @@ def _train_and_export(
         with strategy.scope():
             extractor = feature_extractor(model)
             extractor.compile(jit_compile=jit_compile)  # predict() follows this setting
-        spill = os.path.join(out_dir, ".feature_cache")
+        spill = run_dir.feature_cache
         features = {
             name: extract_features(
                 extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name, workers
@@ -177,7 +176,7 @@ def _train_and_export(
             initial_epoch=0,
             steps_per_epoch=-(-len(train) // batch),
             phase="head on cached features",
-            backup_dir=os.path.join(backup_root, "head"),
+            backup_dir=run_dir.head_backup,
         )
         timings["head_s"] = time.perf_counter() - phase_started
     else:
@@ -191,13 +190,13 @@ def _train_and_export(
             initial_epoch=0,
             steps_per_epoch=image_steps,
             phase="head",
-            backup_dir=os.path.join(backup_root, "head"),
+            backup_dir=run_dir.head_backup,
         )
         timings["head_s"] = time.perf_counter() - phase_started
 
     if t.finetune_epochs:
         if not os.path.exists(phase1_done):
-            os.makedirs(backup_root, exist_ok=True)
+            os.makedirs(run_dir.backup, exist_ok=True)
             model.save_weights(phase1_done)
             output.sync()
         phase_started = time.perf_counter()
@@ -218,7 +217,7 @@ def _train_and_export(
             initial_epoch=t.epochs,
             steps_per_epoch=image_steps,
             phase="fine-tune",
-            backup_dir=os.path.join(backup_root, "finetune"),
+            backup_dir=run_dir.finetune_backup,
         )
         timings["finetune_s"] = time.perf_counter() - phase_started
 
@@ -229,7 +228,7 @@ def _train_and_export(
         probabilities = predict_in_batches(model.get_layer("head"), features["test"], batch)
     else:
         probabilities = predict_files(model, test, d.image_size, batch, workers)
-    shutil.rmtree(os.path.join(out_dir, ".feature_cache"), ignore_errors=True)
+    shutil.rmtree(run_dir.feature_cache, ignore_errors=True)
     result = evaluate(np.asarray(probabilities), test.labels, len(classes))
     predicted = result.pop("predicted")
 
@@ -296,8 +295,7 @@ def _train_and_export(
         )
 
     export_started = time.perf_counter()
-    saved_model = os.path.join(out_dir, "saved_model")
-    export_saved_model(model, classes, d.image_size, saved_model)
+    export_saved_model(model, classes, d.image_size, run_dir.saved_model)
     timings["export_s"] = time.perf_counter() - export_started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)

@@ -13,8 +13,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from trainer import TrainerError  # noqa: E402
-from trainer.data import IMAGE_EXTENSIONS  # noqa: E402
 from trainer.gcs import cache_path, default_cache_dir, is_gcs, list_objects, stage_prefix  # noqa: E402
+from trainer.images import is_image  # noqa: E402
 from trainer.rundir import SAVED_MODEL, SUCCESS  # noqa: E402
 
 BATCH = 32
@@ -27,11 +27,7 @@ def find_images(paths: list[str]) -> list[str]:
         if os.path.isdir(path):
             for folder, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [
-                    os.path.join(folder, f)
-                    for f in sorted(files)
-                    if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-                ]
+                found += [os.path.join(folder, f) for f in sorted(files) if is_image(f)]
         elif os.path.isfile(path):
             found.append(path)
         else:

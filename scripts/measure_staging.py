@@ -2,12 +2,13 @@
 
     python scripts/measure_staging.py [--images 2000] [--workers 1,16] [--latency-ms 10]
 
-Starts fake-gcs-server on 127.0.0.1 (the tests' emulator), uploads N small synthetic JPEGs in
-two class folders, then stages the prefix with each worker count into an empty cache, and once
-more into a full cache (nothing to download: the cost of listing and checking CRC32Cs). It does
-so straight from the emulator, and again through a loopback proxy that adds --latency-ms to
-each request, since a real bucket is a round trip away and loopback hides what threads
-overlap. Prints one line per staging: objects, MB, seconds (listing included), MB/s, objects/s.
+Starts fake-gcs-server on 127.0.0.1 (scripts/gcs_emulator.py, which the tests use too), uploads
+N small synthetic JPEGs in two class folders, then stages the prefix with each worker count into
+an empty cache, and once more into a full cache (nothing to download: the cost of listing and
+checking CRC32Cs). It does so straight from the emulator, and again through a loopback proxy
+that adds --latency-ms to each request, since a real bucket is a round trip away and loopback
+hides what threads overlap. Prints one line per staging: objects, MB, seconds (listing
+included), MB/s, objects/s.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.gcs_emulator import Emulator, FaultProxy  # noqa: E402
+from scripts.gcs_emulator import Emulator, FaultProxy  # noqa: E402
 from trainer import gcs  # noqa: E402
 from trainer.synthetic import make_dataset  # noqa: E402
 

@@ -2,12 +2,13 @@
 
     python scripts/measure_staging.py [--images 2000] [--workers 1,16] [--latency-ms 10]
 
-Starts fake-gcs-server on 127.0.0.1 (the tests' emulator), uploads N small synthetic JPEGs in
-two class folders, then stages the prefix with each worker count into an empty cache, and once
-more into a full cache (nothing to download: the cost of listing and checking CRC32Cs). It does
-so straight from the emulator, and again through a loopback proxy that adds --latency-ms to
-each request, since a real bucket is a round trip away and loopback hides what threads
-overlap. Prints one line per staging: objects, MB, seconds (listing included), MB/s, objects/s.
+Starts fake-gcs-server on 127.0.0.1 (scripts/gcs_emulator.py, which the tests use too), uploads
+N small synthetic JPEGs in two class folders, then stages the prefix with each worker count into
+an empty cache, and once more into a full cache (nothing to download: the cost of listing and
+checking CRC32Cs). It does so straight from the emulator, and again through a loopback proxy
+that adds --latency-ms to each request, since a real bucket is a round trip away and loopback
+hides what threads overlap. Prints one line per staging: objects, MB, seconds (listing
+included), MB/s, objects/s.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.gcs_emulator import Emulator, FaultProxy  # noqa: E402
-from trainer import storage  # noqa: E402
+from scripts.gcs_emulator import Emulator, FaultProxy  # noqa: E402
+from trainer import gcs  # noqa: E402
 from trainer.synthetic import make_dataset  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--workers", default=f"1,{storage.WORKERS}")
+    parser.add_argument("--workers", default=f"1,{gcs.WORKERS}")
     parser.add_argument("--latency-ms", type=float, default=10.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -59,9 +60,7 @@ def main() -> None:
             for workers in [int(w) for w in args.workers.split(",")]:
                 cache = work / f"cache-{where}-{workers}"
                 for label in ("empty cache", "full cache"):
-                    r = storage.stage_prefix(
-                        "gs://measure/train", str(cache), "data", workers=workers
-                    )
+                    r = gcs.stage_prefix("gs://measure/train", str(cache), "data", workers=workers)
                     print(
                         f"{where:>9} workers={workers:>2} {label}: {r.downloaded} objects, "
                         f"{r.bytes / 1e6:.2f} MB in {r.seconds:.2f} s = "

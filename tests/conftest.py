@@ -106,3 +106,23 @@ def trained_run(tmp_path_factory) -> Run:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return Run(out, result, train_dir, test_dir, bad)
+
+
+@pytest.fixture
+def in_process_run(tmp_path, monkeypatch):
+    """For a test that calls `run(cfg)` in this process: gs:// staging caches under tmp_path
+    (storage.cache_dir defaults to $TRAINER_CACHE_DIR), and afterwards the SIGTERM handler and
+    Keras' global dtype policy as they were (the job installs its own of both)."""
+    import signal
+
+    import keras
+
+    from trainer.train import SIGTERM
+
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    handler = signal.getsignal(signal.SIGTERM)
+    policy = keras.mixed_precision.global_policy()
+    yield tmp_path / "cache"
+    signal.signal(signal.SIGTERM, handler)
+    keras.mixed_precision.set_dtype_policy(policy)
+    SIGTERM.requested = False

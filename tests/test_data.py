@@ -11,11 +11,11 @@ from PIL import Image
 from tests.conftest import SMALL, corrupt_files, last_error_line, make_folders, run_trainer
 from trainer import TrainerError
 from trainer.data import (
-    decode_image,
     drop_bad_images,
     list_image_folder,
     load_splits,
 )
+from trainer.images import decode_image
 from trainer.synthetic import make_dataset
 
 

@@ -10,8 +10,8 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 
 from tests.conftest import CLASSES
-from trainer.data import decode_image
 from trainer.export import replace_dir
+from trainer.images import decode_image
 
 
 @pytest.fixture(scope="module")

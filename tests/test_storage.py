@@ -1,5 +1,6 @@
-"""trainer.storage against a real GCS emulator on loopback: staging in, syncing and publishing out,
-and what users see when GCS fails (retries for transient errors, one clear line otherwise)."""
+"""trainer.gcs and trainer.output against a real GCS emulator on loopback: staging in, syncing
+and publishing out, and what users see when GCS fails (retries for transient errors, one clear
+line otherwise)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import requests
 
 from trainer import TrainerError
-from trainer.storage import Output, stage_file, stage_model_dir, stage_prefix
+from trainer.gcs import stage_file, stage_prefix
+from trainer.output import Output
+from trainer.predict import stage_model_dir
 from trainer.synthetic import make_dataset
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures

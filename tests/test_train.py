@@ -165,7 +165,7 @@ def test_multirun_sweep_gives_each_run_its_own_directory(trained_run, tmp_path):
     assert rates == [1e-3, 3e-3]
 
 
-def test_sweep_metric_is_the_test_accuracy(trained_run, tmp_path):
+def test_sweep_metric_is_the_test_accuracy(trained_run, tmp_path, in_process_run):
     """`main()` returns test accuracy: what Hydra sweepers (Optuna, Nevergrad) optimize."""
     from hydra import compose, initialize_config_dir
 

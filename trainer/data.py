@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer import TrainerError
+from trainer.images import IMAGE_EXTENSIONS, decode_image, is_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The probe asks whether decode_image accepts a file; a small size keeps the resize cheap.
+PROBE_SIZE = 8
 
 
 @dataclass
@@ -54,9 +56,7 @@ def list_image_folder(root: str, key: str) -> dict[str, list[str]]:
         files = sorted(
             os.path.join(folder, f)
             for f in os.listdir(folder)
-            if _visible(f)
-            and f.lower().endswith(IMAGE_EXTENSIONS)
-            and os.path.isfile(os.path.join(folder, f))
+            if is_image(f) and os.path.isfile(os.path.join(folder, f))
         )
         if not files:
             raise TrainerError(
@@ -65,6 +65,15 @@ def list_image_folder(root: str, key: str) -> dict[str, list[str]]:
             )
         found[name] = files
     return found
+
+
+def stage_image_folder(uri: str, cache_dir: str, key: str) -> str:
+    """A local folder holding the image folder at `uri` (the folder itself when it is local);
+    only image files are downloaded: the listing counts nothing else."""
+    from trainer.gcs import stage_dir
+
+    what = f"objects ({', '.join(IMAGE_EXTENSIONS)})"
+    return stage_dir(uri, cache_dir, key, keep=is_image, what=what)
 
 
 def _to_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
@@ -110,36 +119,24 @@ def load_splits(
     return classes, _to_split(kept, classes), _to_split(held, classes)
 
 
-def decode_image(image_bytes, image_size: int):
-    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB [size, size, 3] in 0..255.
-
-    One function for training and for the exported model, so serving sees exactly the pixels
-    training saw. Grayscale, RGBA and CMYK become RGB; a GIF gives its first frame.
-    """
-    import tensorflow as tf
-
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.image.resize(image, [image_size, image_size])  # bilinear, float32
-    image.set_shape([image_size, image_size, 3])
-    return image
-
-
 def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
-    """(path, reason) for each file TensorFlow cannot read and decode, checked in parallel."""
+    """(path, reason) for each file that `decode_image` (the decoder training and serving use)
+    cannot read and decode, checked in parallel."""
     import tensorflow as tf
 
     def probe(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return index, tf.shape(image)
+        # A value computed from the pixels: decode_image's static shape would let tf.data
+        # prune the decode if only the shape were asked for.
+        return index, tf.reduce_sum(decode_image(tf.io.read_file(path), PROBE_SIZE))
 
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(files)), files))
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    ds = ds.map(lambda index, shape: index).batch(1024).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda index, total: index).batch(1024).prefetch(tf.data.AUTOTUNE)
     good = {int(index) for batch in ds.as_numpy_iterator() for index in batch}
     bad = []
     for index in sorted(set(range(len(files))) - good):
         try:  # decode the few bad ones again, eagerly, for the reason
-            tf.io.decode_image(tf.io.read_file(files[index]), channels=3, expand_animations=False)
+            decode_image(tf.io.read_file(files[index]), PROBE_SIZE)
             reason = "unreadable"
         except (tf.errors.OpError, ValueError) as error:
             reason = getattr(error, "message", str(error)).strip().splitlines()[0]

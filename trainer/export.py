@@ -14,7 +14,8 @@ import shutil
 import keras
 import tensorflow as tf
 
-from trainer.data import decode_image
+from trainer import rundir
+from trainer.images import decode_image
 
 
 def _outputs(probabilities, labels):
@@ -55,8 +56,7 @@ def export_saved_model(model: keras.Model, classes: list[str], image_size: int, 
             tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="pixels")
         ],
     )
-    parent, name = os.path.split(os.path.abspath(path))
-    staging = os.path.join(parent, f".{name}.partial")
+    staging = rundir.staging_dir(path)
     shutil.rmtree(staging, ignore_errors=True)
     archive.write_out(staging, verbose=False)
     replace_dir(staging, path)
@@ -64,7 +64,7 @@ def export_saved_model(model: keras.Model, classes: list[str], image_size: int, 
 
 def replace_dir(new: str, path: str) -> None:
     """Move directory `new` to `path`, replacing what is there (two renames: a short gap)."""
-    old = f"{path}.old"
+    old = rundir.old_dir(path)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, old)
@@ -74,7 +74,7 @@ def replace_dir(new: str, path: str) -> None:
 
 def write_text(path: str, text: str) -> None:
     """Write a small file atomically (temporary file, then rename)."""
-    partial = f"{path}.partial"
+    partial = rundir.partial_path(path)
     with open(partial, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(partial, path)
@@ -82,6 +82,7 @@ def write_text(path: str, text: str) -> None:
 
 def write_run_files(out_dir: str, classes: list[str], metrics: dict, config_yaml: str) -> None:
     """labels.txt (class_id order), metrics.json and config.yaml."""
-    write_text(os.path.join(out_dir, "labels.txt"), "".join(f"{c}\n" for c in classes))
-    write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    write_text(os.path.join(out_dir, "config.yaml"), config_yaml)
+    run = rundir.RunDir(out_dir)
+    write_text(run.path(rundir.LABELS), "".join(f"{c}\n" for c in classes))
+    write_text(run.path(rundir.METRICS), json.dumps(metrics, indent=2) + "\n")
+    write_text(run.path(rundir.CONFIG), config_yaml)

@@ -1,25 +1,25 @@
 """`run(cfg) -> dict`: the whole job, top to bottom. Tests call this; `__main__` adds Hydra.
 
-image folders -> validated file lists -> (frozen backbone once -> cached features -> head)
-or (full forward each step, with augmentation) -> optional fine-tuning of the top blocks
--> evaluation, TensorBoard report -> SavedModel + labels + metrics + config -> _SUCCESS
+stage inputs -> validate and split -> choose strategy -> build model -> train phases (head on
+cached features | head on images; optional fine-tune; trainer/phases.py) -> evaluate ->
+report (TensorBoard, metrics) -> export -> publish (_SUCCESS last)
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import shutil
-import tempfile
 import time
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import BelowMinAccuracy
+from trainer import BelowMinAccuracy, rundir
 from trainer.config import validate
-from trainer.data import drop_bad_images, load_splits
-from trainer.storage import BACKUP, Output, stage_dir, stage_file
+from trainer.data import Split, load_splits, stage_image_folder
+from trainer.gcs import stage_file
+from trainer.output import Output
+from trainer.phases import RunContext, Schedule, image_pipelines, train_phases
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,93 @@ def run(cfg: DictConfig) -> dict:
     """Train and export as `cfg` says; return the metrics written to metrics.json."""
     started = time.perf_counter()
     validate(cfg)
-    d, m, s = cfg.data, cfg.model, cfg.storage
+    d, m, t, s, dist = cfg.data, cfg.model, cfg.train, cfg.storage, cfg.distribute
     output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
     output.check()  # read-only here: only the chief may clear anything, and it is not known yet
-    train_dir = stage_dir(d.train_dir, s.cache_dir, "data.train_dir")
-    test_dir = None if d.test_dir is None else stage_dir(d.test_dir, s.cache_dir, "data.test_dir")
-    weights = m.weights
+    train_dir, test_dir, weights = stage_inputs(
+        train_dir=d.train_dir, test_dir=d.test_dir, weights=m.weights, cache_dir=s.cache_dir
+    )
+    classes, train, test = split_data(
+        train_dir=train_dir, test_dir=test_dir, validation_split=d.validation_split, seed=cfg.seed
+    )
+    # TensorFlow is imported only now: config and folder errors above answer in a second.
+    strategy = start_runtime(
+        strategy=dist.strategy.value,
+        simulate_devices=dist.simulate_devices,
+        timeout_seconds=dist.timeout_seconds,
+        seed=cfg.seed,
+        precision=t.precision,
+    )
+    from trainer.distribute import is_chief
+
+    chief = is_chief(strategy)
+    if chief:
+        output.prepare()
+    # Only the chief writes output.dir; other workers write to a private folder, removed on
+    # every way out (Keras' callbacks and the export need somewhere to write on every worker).
+    scratch = None if chief else rundir.worker_scratch()
+    try:
+        ctx = make_context(
+            output=output,
+            work_dir=scratch or output.local_dir,
+            chief=chief,
+            strategy=strategy,
+            classes=classes,
+            splits=(train, test),
+            data=d,
+            jit_compile=t.jit_compile,
+            seed=cfg.seed,
+        )
+        return train_and_export(ctx, cfg=cfg, weights=weights, started=started)
+    finally:
+        output.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: float) -> dict:
+    """Build the model, train its phases, evaluate, report, export, publish; the metrics."""
+    m, t = cfg.model, cfg.train
+    model = build(
+        ctx,
+        weights=weights,
+        dropout=m.dropout,
+        finetune_from=t.finetune_from,
+        check_finetune=bool(t.finetune_epochs),
+    )
+    images = image_pipelines(ctx, augment=cfg.data.augment)
+    write_sample_batch(ctx, images=images)
+    schedule = schedule_of(cfg)
+    trained = train_phases(ctx, model=model, images=images, schedule=schedule)
+    result = evaluate_model(ctx, model=model, test_features=trained.test_features)
+    metrics = report(
+        ctx,
+        result=result,
+        epochs=schedule.total_epochs,
+        fast_path=trained.fast_path,
+        hparams=hparams_of(cfg),
+    )
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    write_metrics(ctx, metrics=metrics, config_yaml=config_yaml, started=started)
+    check_min_accuracy(ctx, metrics=metrics, min_accuracy=t.min_accuracy)
+    export(ctx, model=model, metrics=metrics, config_yaml=config_yaml, started=started)
+    publish(ctx)
+    return metrics
+
+
+def stage_inputs(*, train_dir: str, test_dir: str | None, weights: str | None, cache_dir: str):
+    """Local copies of gs:// inputs (local paths pass through): (train_dir, test_dir, weights)."""
+    train_dir = stage_image_folder(train_dir, cache_dir, "data.train_dir")
+    if test_dir is not None:
+        test_dir = stage_image_folder(test_dir, cache_dir, "data.test_dir")
     if weights not in (None, "imagenet"):
-        weights = stage_file(weights, s.cache_dir, "model.weights")
-    classes, train, test = load_splits(train_dir, test_dir, d.validation_split, cfg.seed)
+        weights = stage_file(weights, cache_dir, "model.weights")
+    return train_dir, test_dir, weights
+
+
+def split_data(*, train_dir: str, test_dir: str | None, validation_split: float, seed: int):
+    """Classes and the train and test file lists (no TensorFlow yet)."""
+    classes, train, test = load_splits(train_dir, test_dir, validation_split, seed)
     log.info(
         "found %d classes %s: %d training and %d test images",
         len(classes),
@@ -44,263 +122,223 @@ def run(cfg: DictConfig) -> dict:
         len(train),
         len(test),
     )
+    return classes, train, test
 
-    # TensorFlow is imported only now: config and folder errors above answer in a second.
+
+def start_runtime(
+    *, strategy: str, simulate_devices, timeout_seconds: int, seed: int, precision: str
+):
+    """SIGTERM handling, then the tf.distribute strategy, the seed and the precision policy."""
     import keras
 
-    from trainer.distribute import choose_precision, choose_strategy, is_chief
+    from trainer.distribute import choose_precision, choose_strategy
     from trainer.train import SIGTERM
 
     # Before this, SIGTERM's default action ends the process; from here on it ends training
     # at a step boundary with a backup written (see trainer/train.py).
     SIGTERM.install()
-
     # The strategy first: simulated devices and the multi-worker runtime must be set up before
     # TensorFlow runs anything (seeding included).
-    dist = cfg.distribute
-    strategy = choose_strategy(dist.strategy.value, dist.simulate_devices, dist.timeout_seconds)
-    keras.utils.set_random_seed(cfg.seed)
-    choose_precision(cfg.train.precision)
-    chief = is_chief(strategy)
-    # Only the chief writes output.dir; other workers write to a private directory, removed at
-    # the end (Keras' callbacks and the export need somewhere to write on every worker).
-    if chief:
-        output.prepare()
-    out_dir = output.local_dir if chief else tempfile.mkdtemp(prefix="trainer-worker-")
-    if not chief and output.fetch_backup(out_dir):  # resume where the chief resumes
-        log.info("worker resumes from the backup in %s", cfg.output.dir)
-    try:
-        return _train_and_export(
-            cfg, output, out_dir, chief, strategy, classes, train, test, weights, started
-        )
-    finally:
-        output.close()
-        if not chief:
-            shutil.rmtree(out_dir, ignore_errors=True)
+    chosen = choose_strategy(strategy, simulate_devices, timeout_seconds)
+    keras.utils.set_random_seed(seed)
+    choose_precision(precision)
+    return chosen
 
 
-def _train_and_export(
-    cfg, output, out_dir, chief, strategy, classes, train, test, weights, started
-) -> dict:
-    import keras
-    import numpy as np
-
-    from trainer import tensorboard
-    from trainer.data import image_dataset, worker_share, worker_steps
+def make_context(
+    *,
+    output: Output,
+    work_dir: str,
+    chief: bool,
+    strategy,
+    classes,
+    splits,
+    data,
+    jit_compile,
+    seed: int,
+) -> RunContext:
+    """Leave out (or refuse) undecodable images, size the batch, and gather what the phases
+    share; a worker other than the chief resumes from the chief's backup, if there is one."""
+    from trainer.data import drop_bad_images
     from trainer.distribute import choose_jit_compile, worker_shard
-    from trainer.export import export_saved_model, write_run_files
-    from trainer.features import extract_features, feature_dataset, predict_files
-    from trainer.model import build_model, feature_extractor, finetune_start, unfreeze_from
-    from trainer.train import evaluate, fit, predict_in_batches
 
-    d, m, t = cfg.data, cfg.model, cfg.train
-    fail = d.on_bad_image.value == "fail"
-    train = drop_bad_images(train, "training", fail)
-    test = drop_bad_images(test, "test", fail)
-
+    run_dir = rundir.RunDir(work_dir)
+    if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
+        log.info("worker resumes from the backup in %s", output.uri)
+    fail = data.on_bad_image.value == "fail"
+    train = drop_bad_images(splits[0], "training", fail)
+    test = drop_bad_images(splits[1], "test", fail)
     replicas = strategy.num_replicas_in_sync
-    batch = d.batch_size * replicas
-    log.info("batch size: %d per replica x %d replica(s) = %d", d.batch_size, replicas, batch)
-    workers = worker_shard(strategy)  # (count, index): each worker decodes its share of files
-    jit_compile = choose_jit_compile(t.jit_compile, strategy)
-    log_dir = os.path.join(out_dir, "tensorboard")
-    timings: dict[str, float] = {}
-    sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]
-
-    with strategy.scope():
-        model = build_model(len(classes), d.image_size, weights, m.dropout, cfg.seed)
-    if t.finetune_epochs:
-        finetune_start(model, t.finetune_from)  # a bad layer name fails now, not after phase 1
-    # Multi-worker: each worker decodes only its own training files, if each gets a whole batch.
-    shard = workers if worker_share(len(train), batch, workers[0]) else (1, 0)
-    image_steps = worker_steps(len(train), batch, shard[0]) if shard[0] > 1 else None
-    if image_steps:
-        log.info(
-            "training images sharded by file: %d a worker an epoch, %d steps",
-            worker_share(len(train), batch, shard[0]),
-            image_steps,
-        )
-    train_images = image_dataset(
-        train, d.image_size, batch, shuffle=True, augment=d.augment, seed=cfg.seed, shard=shard
+    batch = data.batch_size * replicas
+    log.info("batch size: %d per replica x %d replica(s) = %d", data.batch_size, replicas, batch)
+    return RunContext(
+        output=output,
+        run_dir=run_dir,
+        chief=chief,
+        strategy=strategy,
+        classes=classes,
+        train=train,
+        test=test,
+        image_size=data.image_size,
+        batch=batch,
+        workers=worker_shard(strategy),
+        jit_compile=choose_jit_compile(jit_compile, strategy),
+        seed=seed,
     )
-    test_images = image_dataset(test, d.image_size, batch)
-    sample_x, sample_y = next(iter(train_images.take(1)))
-    tensorboard.write_sample_batch(log_dir, sample_x[:16], sample_y[:16].numpy(), classes)
 
-    fast_path = not d.augment
-    total_epochs = t.epochs + t.finetune_epochs
-    # Backups let a preempted pod's retry resume (train.backup_every_steps). Phase 1's end is
-    # kept as full-model weights, so a retry during fine-tuning skips phase 1 altogether.
-    backup_root = os.path.join(out_dir, BACKUP)
-    phase1_done = os.path.join(backup_root, "phase1_done.weights.h5")
-    # What every training phase shares; each call adds its data, rate, epochs and backup folder.
-    train_phase = functools.partial(
-        fit,
-        total_epochs=total_epochs,
-        log_dir=log_dir,
-        extra_callbacks=sync,
+
+def build(ctx: RunContext, *, weights, dropout: float, finetune_from: str, check_finetune: bool):
+    """The model (frozen backbone + new head) inside the strategy's scope; with
+    `check_finetune`, train.finetune_from must name one of its layers."""
+    from trainer.model import build_model, finetune_start
+
+    with ctx.strategy.scope():
+        model = build_model(len(ctx.classes), ctx.image_size, weights, dropout, ctx.seed)
+    if check_finetune:
+        finetune_start(model, finetune_from)  # a bad layer name fails now, not after phase 1
+    return model
+
+
+def write_sample_batch(ctx: RunContext, *, images) -> None:
+    """The first 16 training images, as the model sees them, in TensorBoard."""
+    from trainer import tensorboard
+
+    sample_x, sample_y = next(iter(images.train.take(1)))
+    tensorboard.write_sample_batch(
+        ctx.run_dir.tensorboard, sample_x[:16], sample_y[:16].numpy(), ctx.classes
+    )
+
+
+def schedule_of(cfg: DictConfig) -> Schedule:
+    """The training phases as train.* and data.augment ask for them."""
+    t = cfg.train
+    return Schedule(
+        epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        finetune_epochs=t.finetune_epochs,
+        finetune_from=t.finetune_from,
+        finetune_learning_rate=t.finetune_learning_rate,
         backup_every_steps=t.backup_every_steps,
-        jit_compile=jit_compile,
+        feature_cache_max_mb=t.feature_cache_max_mb,
+        cache_features=not cfg.data.augment,  # augmentation changes the features every epoch
     )
-    phase_started = time.perf_counter()
-    if t.finetune_epochs and os.path.exists(phase1_done):
-        model.load_weights(phase1_done)
-        fast_path = False  # the final evaluation runs on images: the backbone will change
-        log.info("phase 1 finished before a restart: resuming from %s", phase1_done)
-    elif fast_path:
-        log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
-        with strategy.scope():
-            extractor = feature_extractor(model)
-            extractor.compile(jit_compile=jit_compile)  # predict() follows this setting
-        spill = os.path.join(out_dir, ".feature_cache")
-        features = {
-            name: extract_features(
-                extractor, split, d.image_size, batch, t.feature_cache_max_mb, spill, name, workers
-            )
-            for name, split in (("train", train), ("test", test))
-        }
-        timings["backbone_pass_s"] = time.perf_counter() - phase_started
-        phase_started = time.perf_counter()
-        head = model.get_layer("head")
-        train_phase(
-            head,
-            feature_dataset(
-                features["train"], train.labels, batch, shuffle=True, seed=cfg.seed, epochs=t.epochs
-            ),
-            feature_dataset(features["test"], test.labels, batch),
-            learning_rate=t.learning_rate,
-            epochs=t.epochs,
-            initial_epoch=0,
-            steps_per_epoch=-(-len(train) // batch),
-            phase="head on cached features",
-            backup_dir=os.path.join(backup_root, "head"),
-        )
-        timings["head_s"] = time.perf_counter() - phase_started
-    else:
-        log.info("full forward each step (data.augment=true)")
-        train_phase(
-            model,
-            train_images,
-            test_images,
-            learning_rate=t.learning_rate,
-            epochs=t.epochs,
-            initial_epoch=0,
-            steps_per_epoch=image_steps,
-            phase="head",
-            backup_dir=os.path.join(backup_root, "head"),
-        )
-        timings["head_s"] = time.perf_counter() - phase_started
 
-    if t.finetune_epochs:
-        if not os.path.exists(phase1_done):
-            os.makedirs(backup_root, exist_ok=True)
-            model.save_weights(phase1_done)
-            output.sync()
-        phase_started = time.perf_counter()
-        with strategy.scope():
-            unfrozen = unfreeze_from(model, t.finetune_from)
-        log.info(
-            "fine-tuning: %d backbone layers from %s unfrozen, lr %g",
-            unfrozen,
-            t.finetune_from,
-            t.finetune_learning_rate,
-        )
-        train_phase(
-            model,
-            train_images,
-            test_images,
-            learning_rate=t.finetune_learning_rate,
-            epochs=t.finetune_epochs,
-            initial_epoch=t.epochs,
-            steps_per_epoch=image_steps,
-            phase="fine-tune",
-            backup_dir=os.path.join(backup_root, "finetune"),
-        )
-        timings["finetune_s"] = time.perf_counter() - phase_started
 
-    # Final evaluation: on cached features when the backbone never changed (same numbers the
-    # full model gives, without another backbone pass), else on images.
-    # Both give every worker all test predictions, in order.
-    if fast_path and not t.finetune_epochs:
-        probabilities = predict_in_batches(model.get_layer("head"), features["test"], batch)
+def evaluate_model(ctx: RunContext, *, model, test_features) -> dict:
+    """Accuracy, loss, confusion matrix and predictions on the test set: on cached features
+    when the backbone never changed (the numbers the full model gives, without another
+    backbone pass), else on images. Both give every worker all test predictions, in order."""
+    from trainer.features import predict_files
+    from trainer.train import evaluate, predict_in_batches
+
+    if test_features is not None:
+        probabilities = predict_in_batches(model.get_layer("head"), test_features, ctx.batch)
     else:
-        probabilities = predict_files(model, test, d.image_size, batch, workers)
-    shutil.rmtree(os.path.join(out_dir, ".feature_cache"), ignore_errors=True)
-    result = evaluate(np.asarray(probabilities), test.labels, len(classes))
+        probabilities = predict_files(model, ctx.test, ctx.image_size, ctx.batch, ctx.workers)
+    shutil.rmtree(ctx.run_dir.feature_cache, ignore_errors=True)
+    return evaluate(np.asarray(probabilities), ctx.test.labels, len(ctx.classes))
+
+
+def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hparams: dict) -> dict:
+    """The TensorBoard test report (confusion matrix, misclassified images, HParams) and the
+    metrics dict that metrics.json holds."""
+    from trainer import tensorboard
+
     predicted = result.pop("predicted")
-
-    wrong = np.flatnonzero(predicted != test.labels)[:16]
-    wrong_images = (
-        np.stack(
-            [
-                x
-                for x, _ in image_dataset(test.subset(wrong), d.image_size, 16)
-                .unbatch()
-                .as_numpy_iterator()
-            ]
-        )
-        if len(wrong)
-        else []
-    )
+    wrong = np.flatnonzero(predicted != ctx.test.labels)[:16]
+    log_dir = ctx.run_dir.tensorboard
     tensorboard.write_test_report(
         log_dir,
-        total_epochs,
-        classes,
+        epochs,
+        ctx.classes,
         result["confusion_matrix"],
-        wrong_images,
-        test.labels[wrong],
+        _pixels(ctx.test.subset(wrong), ctx.image_size),
+        ctx.test.labels[wrong],
         predicted[wrong],
     )
-
     metrics = {
         "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"],
-        "epochs": total_epochs,
-        "classes": classes,
-        "num_train": len(train),
-        "num_test": len(test),
+        "epochs": epochs,
+        "classes": ctx.classes,
+        "num_train": len(ctx.train),
+        "num_test": len(ctx.test),
         "confusion_matrix": result["confusion_matrix"],
-        "replicas": replicas,
+        "replicas": ctx.strategy.num_replicas_in_sync,
         "fast_path": fast_path,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
     }
-    tensorboard.write_hparams(
-        log_dir,
-        {
-            "learning_rate": t.learning_rate,
-            "batch_size": d.batch_size,
-            "epochs": t.epochs,
-            "dropout": m.dropout,
-            "image_size": d.image_size,
-            "augment": d.augment,
-            "finetune_epochs": t.finetune_epochs,
-            "weights": str(m.weights),
-        },
-        {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]},
-    )
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    scores = {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]}
+    tensorboard.write_hparams(log_dir, hparams, scores)
+    return metrics
+
+
+def _pixels(split: Split, image_size: int):
+    """The decoded images of `split`, stacked (an empty list for no images)."""
+    from trainer.data import image_dataset
+
+    if not len(split):
+        return []
+    batches = image_dataset(split, image_size, 16).unbatch().as_numpy_iterator()
+    return np.stack([x for x, _ in batches])
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    """The settings TensorBoard's HParams dashboard compares runs by."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    return {
+        "learning_rate": t.learning_rate,
+        "batch_size": d.batch_size,
+        "epochs": t.epochs,
+        "dropout": m.dropout,
+        "image_size": d.image_size,
+        "augment": d.augment,
+        "finetune_epochs": t.finetune_epochs,
+        "weights": str(m.weights),
+    }
+
+
+def write_metrics(ctx: RunContext, *, metrics: dict, config_yaml: str, started: float) -> None:
+    """labels.txt, metrics.json and config.yaml, written before the export so a run below
+    train.min_accuracy still leaves its numbers."""
+    from trainer.export import write_run_files
+
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_run_files(out_dir, classes, metrics, config_yaml)
+    write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
     log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
 
-    if t.min_accuracy is not None and metrics["test_accuracy"] < t.min_accuracy:
-        if chief:
-            output.remove_backup()  # finished, if below target: a retry must not resume it
-        raise BelowMinAccuracy(
-            f"test accuracy {metrics['test_accuracy']:.4f} is below train.min_accuracy="
-            f"{t.min_accuracy}: metrics written to {output.uri}/metrics.json, model not exported"
-        )
+
+def check_min_accuracy(ctx: RunContext, *, metrics: dict, min_accuracy: float | None) -> None:
+    """BelowMinAccuracy (exit 3, no export) when the run missed train.min_accuracy."""
+    if min_accuracy is None or metrics["test_accuracy"] >= min_accuracy:
+        return
+    if ctx.chief:
+        ctx.output.remove_backup()  # finished, if below target: a retry must not resume it
+    raise BelowMinAccuracy(
+        f"test accuracy {metrics['test_accuracy']:.4f} is below train.min_accuracy="
+        f"{min_accuracy}: metrics written to {ctx.output.uri}/{rundir.METRICS},"
+        " model not exported"
+    )
+
+
+def export(ctx: RunContext, *, model, metrics: dict, config_yaml: str, started: float) -> None:
+    """The SavedModel, then metrics.json again with the export's time in it."""
+    from trainer.export import export_saved_model, write_run_files
 
     export_started = time.perf_counter()
-    saved_model = os.path.join(out_dir, "saved_model")
-    export_saved_model(model, classes, d.image_size, saved_model)
-    timings["export_s"] = time.perf_counter() - export_started
-    metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    export_saved_model(model, ctx.classes, ctx.image_size, ctx.run_dir.saved_model)
+    ctx.timings["export_s"] = time.perf_counter() - export_started
+    metrics["timings"] = {k: round(v, 3) for k, v in ctx.timings.items()}
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_run_files(out_dir, classes, metrics, config_yaml)
-    if chief:
-        output.publish()  # and then removes the backup: a finished run is not resumed
-        where = output.uri
-        log.info("exported to %s/saved_model", where)
-        log.info("TensorBoard logs: tensorboard --logdir %s/tensorboard", where)
-    return metrics
+    write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
+
+
+def publish(ctx: RunContext) -> None:
+    """On the chief: every output visible at output.dir, `_SUCCESS` last, the backup removed
+    (a finished run is not resumed)."""
+    if not ctx.chief:
+        return
+    ctx.output.publish()
+    where = ctx.output.uri
+    log.info("exported to %s/%s", where, rundir.SAVED_MODEL)
+    log.info("TensorBoard logs: tensorboard --logdir %s/%s", where, rundir.TENSORBOARD)

@@ -13,8 +13,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from trainer import TrainerError  # noqa: E402
-from trainer.data import IMAGE_EXTENSIONS  # noqa: E402
-from trainer.storage import stage_model_dir  # noqa: E402
+from trainer.gcs import cache_path, default_cache_dir, is_gcs, list_objects, stage_prefix  # noqa: E402
+from trainer.images import is_image  # noqa: E402
+from trainer.rundir import SAVED_MODEL, SUCCESS  # noqa: E402
 
 BATCH = 32
 
@@ -26,11 +27,7 @@ def find_images(paths: list[str]) -> list[str]:
         if os.path.isdir(path):
             for folder, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [
-                    os.path.join(folder, f)
-                    for f in sorted(files)
-                    if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-                ]
+                found += [os.path.join(folder, f) for f in sorted(files) if is_image(f)]
         elif os.path.isfile(path):
             found.append(path)
         else:
@@ -38,13 +35,35 @@ def find_images(paths: list[str]) -> list[str]:
     return found
 
 
+def stage_model_dir(uri: str, cache_dir: str | None = None) -> str:
+    """A local copy of an exported model directory (the folder itself when it is local).
+    For a gs:// run directory only its saved_model/ is fetched, and only if `_SUCCESS` is there."""
+    if not is_gcs(uri):
+        if not os.path.isdir(uri):
+            raise TrainerError(f"{uri}: model folder not found")
+        return uri
+    key = "MODEL_DIR"
+    local = cache_path(cache_dir or default_cache_dir(), "models", uri)
+    names = list_objects(uri, key, lambda name: name in (SUCCESS, "saved_model.pb"), 60)
+    if "saved_model.pb" in names:  # the saved_model/ folder itself
+        stage_prefix(uri, local, key)
+    elif SUCCESS in names:  # a run's output.dir: the model only, the rest may be large
+        stage_prefix(f"{uri.rstrip('/')}/{SAVED_MODEL}", os.path.join(local, SAVED_MODEL), key)
+    else:
+        raise TrainerError(
+            f"{uri}: no saved_model.pb and no _SUCCESS here: check the path, or wait until the"
+            " run has published its model (it writes _SUCCESS last)"
+        )
+    return local
+
+
 def load_model(model_dir: str):
     """The `serving_default` signature of the SavedModel in `model_dir` (or its saved_model/)."""
     import tensorflow as tf
 
     local = stage_model_dir(model_dir)
-    if os.path.isdir(os.path.join(local, "saved_model")):
-        local = os.path.join(local, "saved_model")
+    if os.path.isdir(os.path.join(local, SAVED_MODEL)):
+        local = os.path.join(local, SAVED_MODEL)
     if not os.path.isfile(os.path.join(local, "saved_model.pb")):
         raise TrainerError(f"{model_dir}: no SavedModel here (expected saved_model.pb)")
     return tf.saved_model.load(local).signatures["serving_default"]

@@ -1,0 +1,58 @@
+"""`run(cfg)` in this process, on a config composed the way `python -m trainer` composes it
+(Hydra's compose API), pointed at tmp_path: the whole job in seconds, no subprocess."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import REPO, SMALL, make_folders
+from trainer.config import register_configs
+from trainer.job import run
+
+PUBLISHED = {"_SUCCESS", "saved_model", "labels.txt", "metrics.json", "config.yaml", "tensorboard"}
+
+
+def _config(tmp_path, *overrides: str):
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                f"data.train_dir={train_dir}",
+                f"data.test_dir={test_dir}",
+                f"output.dir={tmp_path / 'out'}",
+                *SMALL,
+                *overrides,
+            ],
+        )
+
+
+def test_run_returns_the_metrics_it_publishes_and_leaves_only_outputs(tmp_path, in_process_run):
+    # feature_cache_max_mb=0: the features spill to disk, and the spill must be gone at the end
+    metrics = run(_config(tmp_path, "train.epochs=2", "train.feature_cache_max_mb=0"))
+
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == PUBLISHED  # no backup, feature spill or partials
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["fast_path"] is True and metrics["epochs"] == 2
+    assert (metrics["num_train"], metrics["num_test"]) == (16, 8)
+    assert sum(map(sum, metrics["confusion_matrix"])) == 8
+    assert {"backbone_pass_s", "head_s", "export_s"} <= set(metrics["timings"])
+    assert (out / "saved_model" / "saved_model.pb").exists()
+    assert (out / "labels.txt").read_text() == "cat\ndog\n"
+
+
+@pytest.mark.slow  # about a minute: fine-tuning runs the backbone's top on every step
+def test_augmented_run_with_finetuning_trains_on_images_and_says_so(tmp_path, in_process_run):
+    metrics = run(
+        _config(tmp_path, "data.augment=true", "train.epochs=1", "train.finetune_epochs=1")
+    )
+
+    assert metrics["fast_path"] is False and metrics["epochs"] == 2
+    assert "backbone_pass_s" not in metrics["timings"]
+    assert {"head_s", "finetune_s", "export_s"} <= set(metrics["timings"])
+    assert {p.name for p in (tmp_path / "out").iterdir()} == PUBLISHED

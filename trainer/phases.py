@@ -1,0 +1,231 @@
+"""The training phases: the head (on cached features or on images), then optional fine-tuning.
+
+Phase 1 trains the new head with the backbone frozen. Without live augmentation it runs on
+cached features (trainer/features.py): the backbone runs once per image, which is exact and
+where the speed comes from. Phase 2 (train.finetune_epochs) unfreezes the top of the backbone
+and trains the whole model on images at a lower rate. Backups let a preempted pod's retry
+resume (train.backup_every_steps); phase 1's end is also kept as full-model weights, so a retry
+during fine-tuning skips phase 1 altogether.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trainer.data import Split
+from trainer.output import Output
+from trainer.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What several phases share: where the run writes, how it is distributed, its data."""
+
+    output: Output
+    run_dir: RunDir  # output.dir's working folder on the chief, a private scratch folder else
+    chief: bool
+    strategy: Any  # a tf.distribute.Strategy
+    classes: list[str]
+    train: Split
+    test: Split
+    image_size: int
+    batch: int  # the global batch: data.batch_size x replicas
+    workers: tuple[int, int]  # (count, index): each worker decodes its own share of files
+    jit_compile: bool | str
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The phases train.* asks for."""
+
+    epochs: int
+    learning_rate: float
+    finetune_epochs: int
+    finetune_from: str
+    finetune_learning_rate: float
+    backup_every_steps: int
+    feature_cache_max_mb: int
+    cache_features: bool  # data.augment=false: the head may train on cached features
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
+
+@dataclass(frozen=True)
+class Images:
+    """The image pipelines: training (shuffled, maybe augmented and sharded) and test."""
+
+    train: Any
+    test: Any
+    steps_per_epoch: int | None  # set when each worker reads only its share of the files
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the phases leave for the evaluation."""
+
+    fast_path: bool  # the head was trained on cached features in this run
+    test_features: np.ndarray | None  # still the backbone's output for the test set, or None
+
+
+def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
+    """Training and test pipelines; in multi-worker training each worker decodes only its own
+    training files, if each gets a whole batch."""
+    from trainer.data import image_dataset, worker_share, worker_steps
+
+    count = ctx.workers[0]
+    shard = ctx.workers if worker_share(len(ctx.train), ctx.batch, count) else (1, 0)
+    steps = worker_steps(len(ctx.train), ctx.batch, shard[0]) if shard[0] > 1 else None
+    if steps:
+        log.info(
+            "training images sharded by file: %d a worker an epoch, %d steps",
+            worker_share(len(ctx.train), ctx.batch, shard[0]),
+            steps,
+        )
+    train = image_dataset(
+        ctx.train,
+        ctx.image_size,
+        ctx.batch,
+        shuffle=True,
+        augment=augment,
+        seed=ctx.seed,
+        shard=shard,
+    )
+    return Images(train, image_dataset(ctx.test, ctx.image_size, ctx.batch), steps)
+
+
+def train_phases(ctx: RunContext, *, model, images: Images, schedule: Schedule) -> Trained:
+    """Phase 1 (resumed from its saved end, on cached features, or on images), then the
+    optional fine-tuning; returns what the evaluation may reuse."""
+    import keras
+
+    from trainer.train import fit
+
+    sync = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ctx.output.sync())
+    # What every phase shares; each call adds its data, rate, epochs and backup folder.
+    fit_phase = functools.partial(
+        fit,
+        total_epochs=schedule.total_epochs,
+        log_dir=ctx.run_dir.tensorboard,
+        extra_callbacks=[sync],
+        backup_every_steps=schedule.backup_every_steps,
+        jit_compile=ctx.jit_compile,
+    )
+    # The full model on the image pipelines: the head phase with augmentation, fine-tuning.
+    fit_images = functools.partial(
+        fit_phase, model, images.train, images.test, steps_per_epoch=images.steps_per_epoch
+    )
+    phase1_done = ctx.run_dir.phase1_done
+    if schedule.finetune_epochs and os.path.exists(phase1_done):
+        model.load_weights(phase1_done)
+        log.info("phase 1 finished before a restart: resuming from %s", phase1_done)
+        trained = Trained(fast_path=False, test_features=None)
+    elif schedule.cache_features:
+        trained = _head_on_features(ctx, model=model, fit_phase=fit_phase, schedule=schedule)
+    else:
+        _head_on_images(ctx, fit_images=fit_images, schedule=schedule)
+        trained = Trained(fast_path=False, test_features=None)
+    if not schedule.finetune_epochs:
+        return trained
+    _finetune(ctx, model=model, fit_images=fit_images, schedule=schedule)
+    # The backbone changed: cached features no longer match, the evaluation runs on images.
+    return dataclasses.replace(trained, test_features=None)
+
+
+def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) -> Trained:
+    from trainer.features import extract_features, feature_dataset
+    from trainer.model import feature_extractor
+
+    log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
+    started = time.perf_counter()
+    with ctx.strategy.scope():
+        extractor = feature_extractor(model)
+        extractor.compile(jit_compile=ctx.jit_compile)  # predict() follows this setting
+    features = {
+        name: extract_features(
+            extractor,
+            split,
+            ctx.image_size,
+            ctx.batch,
+            schedule.feature_cache_max_mb,
+            ctx.run_dir.feature_cache,
+            name,
+            ctx.workers,
+        )
+        for name, split in (("train", ctx.train), ("test", ctx.test))
+    }
+    ctx.timings["backbone_pass_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fit_phase(
+        model.get_layer("head"),
+        feature_dataset(
+            features["train"],
+            ctx.train.labels,
+            ctx.batch,
+            shuffle=True,
+            seed=ctx.seed,
+            epochs=schedule.epochs,
+        ),
+        feature_dataset(features["test"], ctx.test.labels, ctx.batch),
+        learning_rate=schedule.learning_rate,
+        epochs=schedule.epochs,
+        initial_epoch=0,
+        steps_per_epoch=-(-len(ctx.train) // ctx.batch),
+        phase="head on cached features",
+        backup_dir=ctx.run_dir.head_backup,
+    )
+    ctx.timings["head_s"] = time.perf_counter() - started
+    return Trained(fast_path=True, test_features=features["test"])
+
+
+def _head_on_images(ctx: RunContext, *, fit_images, schedule: Schedule) -> None:
+    log.info("full forward each step (data.augment=true)")
+    started = time.perf_counter()
+    fit_images(
+        learning_rate=schedule.learning_rate,
+        epochs=schedule.epochs,
+        initial_epoch=0,
+        phase="head",
+        backup_dir=ctx.run_dir.head_backup,
+    )
+    ctx.timings["head_s"] = time.perf_counter() - started
+
+
+def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None:
+    from trainer.model import unfreeze_from
+
+    phase1_done = ctx.run_dir.phase1_done
+    if not os.path.exists(phase1_done):
+        os.makedirs(ctx.run_dir.backup, exist_ok=True)
+        model.save_weights(phase1_done)
+        ctx.output.sync()
+    started = time.perf_counter()
+    with ctx.strategy.scope():
+        unfrozen = unfreeze_from(model, schedule.finetune_from)
+    log.info(
+        "fine-tuning: %d backbone layers from %s unfrozen, lr %g",
+        unfrozen,
+        schedule.finetune_from,
+        schedule.finetune_learning_rate,
+    )
+    fit_images(
+        learning_rate=schedule.finetune_learning_rate,
+        epochs=schedule.finetune_epochs,
+        initial_epoch=schedule.epochs,
+        phase="fine-tune",
+        backup_dir=ctx.run_dir.finetune_backup,
+    )
+    ctx.timings["finetune_s"] = time.perf_counter() - started

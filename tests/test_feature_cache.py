@@ -112,7 +112,8 @@ def test_staged_gcs_objects_are_keyed_by_their_listing(emulator, gcs_bucket, ima
     before = key()
     assert key() == before
     blob = emulator.client().bucket(gcs_bucket).blob(f"data/{Path(images[2]).relative_to(root)}")
-    blob.upload_from_string(b"another image")
+    data = Path(images[2]).read_bytes()
+    blob.upload_from_string(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit changed
     assert key() != before
 
 

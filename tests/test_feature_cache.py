@@ -300,3 +300,25 @@ def test_a_claim_left_by_a_killed_run_delays_the_next_run_only_for_the_bounded_w
     assert workers.result(second, timeout=60) == {"hit": False, "sum": 84.0}
     third = workers.start(cache_uri, "third", delay=0.0, wait=3)
     assert workers.result(third) == {"hit": True, "sum": 84.0}
+
+
+# -- what the user must fix -------------------------------------------------------------------
+
+
+def test_a_cache_folder_that_cannot_be_created_names_the_key(tmp_path):
+    from trainer import TrainerError
+
+    (tmp_path / "a-file").write_text("not a folder")
+    compute, _ = _counting(np.ones((1, 2), np.float32))
+    with pytest.raises(TrainerError, match=r"^storage.feature_cache=.*a-file/features: cannot use"):
+        fc.cached_features(str(tmp_path / "a-file" / "features"), "k", compute, rows=1)
+
+
+def test_no_access_to_the_cache_bucket_names_the_key_and_the_role(gcs_bucket, proxy):
+    from trainer import TrainerError
+
+    proxy.fail(403)
+    compute, calls = _counting(np.ones((1, 2), np.float32))
+    with pytest.raises(TrainerError, match=r"^storage.feature_cache=gs://.*objectAdmin"):
+        fc.cached_features(f"gs://{gcs_bucket}/features", "k", compute, rows=1)
+    assert not calls  # failed before the backbone pass, not after it

@@ -30,14 +30,15 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
 
-from trainer.storage import client, is_gcs, retry, split_uri
+from trainer import TrainerError
+from trainer.storage import WRITER_ROLE, _user_errors, client, is_gcs, retry, split_uri
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,54 @@ def _drop_stale_claim(cache_uri: str, key: str, stale_seconds: float) -> None:
             blob.delete(if_generation_match=blob.generation, retry=retry())
 
 
+@contextlib.contextmanager
+def _cache_errors(cache_uri: str) -> Iterator[None]:
+    """What the user must fix about the cache itself (a folder that cannot be written, no
+    access to the bucket) becomes one TrainerError naming storage.feature_cache."""
+    key = "storage.feature_cache"
+    if is_gcs(cache_uri):
+        with _user_errors(cache_uri, key, WRITER_ROLE):
+            yield
+        return
+    try:
+        yield
+    except OSError as error:
+        raise TrainerError(
+            f"{key}={cache_uri}: cannot use this folder ({error.strerror or error}): point it at"
+            " a writable folder or gs://BUCKET/PREFIX, or pass storage.feature_cache=null to turn"
+            " the cache off"
+        ) from error
+
+
+def _claim_or_wait(
+    cache_uri: str, key: str, *, rows: int, wait_seconds: float, poll_seconds: float, **load
+) -> tuple[Claim | None, np.ndarray | None]:
+    """(our claim, None) when this process should compute `key`; (None, features) when another
+    run stored them meanwhile; (None, None) when the wait ran out: compute without a claim."""
+    deadline = time.monotonic() + wait_seconds
+    held = claim(cache_uri, key)
+    if held is None and wait_seconds > 0:
+        log.info(
+            "feature cache: another run is computing %s; waiting up to %.0f s", key, wait_seconds
+        )
+    while held is None and time.monotonic() < deadline:
+        time.sleep(poll_seconds)
+        found = lookup(cache_uri, key, rows=rows, **load)
+        if found is not None:
+            return None, found
+        _drop_stale_claim(cache_uri, key, wait_seconds)
+        held = claim(cache_uri, key)  # free again: that run stored its entry, or failed
+    if held is None:
+        log.info("feature cache: waited %.0f s for %s; computing it here", wait_seconds, key)
+        return None, None
+    # The claim may be free because a run just stored the entry and released it.
+    found = lookup(cache_uri, key, rows=rows, **load)
+    if found is not None:
+        held.release()
+        return None, found
+    return held, None
+
+
 def cached_features(
     cache_uri: str,
     key: str,
@@ -286,33 +335,22 @@ def cached_features(
     """(features of `key`, whether they came from the cache). On a miss this process claims
     the key, runs `compute` and stores the result; when another run holds the claim it waits
     for that run's entry up to `wait_seconds`, then computes itself. A claim older than
-    `wait_seconds` is stale and taken over. For one process per run; a multi-worker run must
-    decide hit or miss on all workers together (see the module's users)."""
-    found = lookup(cache_uri, key, rows=rows, local_dir=local_dir, mmap=mmap)
-    if found is not None:
-        return found, True
-    deadline = time.monotonic() + wait_seconds
-    held = claim(cache_uri, key)
-    if held is None and wait_seconds > 0:
-        log.info(
-            "feature cache: another run is computing %s; waiting up to %.0f s", key, wait_seconds
-        )
-    while held is None and time.monotonic() < deadline:
-        time.sleep(poll_seconds)
-        found = lookup(cache_uri, key, rows=rows, local_dir=local_dir, mmap=mmap)
+    `wait_seconds` is stale and taken over. For one process per run: a multi-worker run must
+    decide hit or miss on all workers together (`lookup`, agree, compute, the chief `store`s)."""
+    load = {"local_dir": local_dir, "mmap": mmap}
+    with _cache_errors(cache_uri):
+        found = lookup(cache_uri, key, rows=rows, **load)
         if found is not None:
             return found, True
-        _drop_stale_claim(cache_uri, key, wait_seconds)
-        held = claim(cache_uri, key)  # free again: that run stored its entry, or failed
+        held, found = _claim_or_wait(
+            cache_uri, key, rows=rows, wait_seconds=wait_seconds, poll_seconds=poll_seconds, **load
+        )
+        if found is not None:
+            return found, True
     try:
-        if held is not None:  # the claim may have been freed by a run that just stored it
-            found = lookup(cache_uri, key, rows=rows, local_dir=local_dir, mmap=mmap)
-            if found is not None:
-                return found, True
-        else:
-            log.info("feature cache: waited %.0f s for %s; computing it here", wait_seconds, key)
         features = compute()
-        store(cache_uri, key, features)
+        with _cache_errors(cache_uri):
+            store(cache_uri, key, features)
         return features, False
     finally:
         if held is not None:

@@ -7,6 +7,8 @@ change a feature, so renaming a class folder still hits; rows follow the files' 
 different order (another split seed) is another key. Keys are cheap: local files are hashed
 (2,000 small JPEGs take well under a second), objects staged from gs:// are identified by the
 size and CRC32C of their listing, the ImageNet weights by the MD5 Keras checks them against.
+Not in the key: the device and XLA, which change features only by float rounding (as running on
+another machine does).
 
 The cache (`storage.feature_cache`) is a local folder or a gs:// prefix holding
 
@@ -91,7 +93,8 @@ def listing_digests(objects: Mapping[str, object], local_dir: str) -> dict[str, 
 def weights_digest(weights: str | None, *, seed: int) -> str:
     """What identifies the backbone's weights: `imagenet`'s known file hash, a weights file's
     MD5 (the same digest when it is that very file), or for random weights (`null`) the seed
-    and the Keras version that drew them."""
+    and the Keras version that drew them: the same in every process and under every strategy,
+    as long as the backbone is the first thing built after keras.utils.set_random_seed."""
     if weights is None:
         return f"random:seed={seed}:keras={metadata.version('keras')}"
     if weights == "imagenet":

@@ -75,6 +75,7 @@ class OutputConfig:
 class StorageConfig:
     cache_dir: str = "${oc.env:TRAINER_CACHE_DIR,/tmp/trainer-cache}"  # gs:// inputs staged here
     sync_seconds: int = 60  # how often TensorBoard events are pushed to a gs:// output.dir
+    feature_cache: str | None = "${storage.cache_dir}/features"  # shared by runs; gs://; null: off
 
 
 @dataclass

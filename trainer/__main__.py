@@ -1,27 +1,36 @@
 """`python -m trainer [overrides]`: Hydra entry point.
 
 Composes the config, runs the job, maps errors to exit codes (2: bad config or data, 3: below
-`train.min_accuracy`) and returns the test accuracy, which Hydra sweepers optimize.
+`train.min_accuracy`) and returns the test accuracy, which Hydra sweepers optimize. Hydra's run
+directory (train.log, .hydra/) is output.dir when one is set (see `_run_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import sys
+from dataclasses import dataclass
+
+from trainer.quiet import quiet_tensorflow_startup
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) would bury our one-line errors.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+quiet_tensorflow_startup()
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from trainer import BelowMinAccuracy, TrainerError  # noqa: E402
 from trainer.config import register_configs  # noqa: E402
 
 register_configs()
+
 
 # A source checkout (editable install, git worktree) reads conf/ beside the package; an installed
 # wheel carries the same files as the package trainer.conf.
@@ -36,7 +45,6 @@ _CONF = (
 @hydra.main(version_base="1.3", config_path=_CONF, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from trainer.job import run
-    from trainer.train import Preempted
 
     # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
     try:
@@ -45,8 +53,16 @@ def _hydra_main(cfg: DictConfig) -> float:
         _exit(2, f"trainer: error: {error}")
     except BelowMinAccuracy as error:
         _exit(3, f"trainer: {error}")
-    except Preempted as error:  # 128 + SIGTERM, as if the signal had ended us: the Job retries
+    except Exception as error:
+        # Not `from trainer.train import Preempted` up front: trainer.train loads TensorFlow,
+        # and config and folder errors must not wait for it. Unloaded, nothing was preempted.
+        train = sys.modules.get("trainer.train")
+        if train is None or not isinstance(error, train.Preempted):
+            raise
+        # 128 + SIGTERM, as if the signal had ended us: the Job retries
         _exit(143, f"trainer: stopped: {error}; run again with the same output.dir to resume")
+    finally:
+        _undo_unused_run_dir()
 
 
 def _exit(code: int, line: str) -> None:
@@ -66,6 +82,109 @@ def _config_error_line(error: BaseException) -> str:
         return f"{key}: {msg}" if key else msg
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+# -- Hydra's run directory: beside the outputs, untouched by a run that never started ----------
+
+
+@dataclass
+class _Before:
+    """A run directory as it was before Hydra wrote to it."""
+
+    created: list[str]  # the folders Hydra is about to make for it, deepest first
+    log_size: int | None  # of an earlier run's train.log there
+    hydra_files: dict[str, bytes] | None  # an earlier run's .hydra/
+
+
+_BEFORE: dict[str, _Before] = {}
+
+
+def _run_dir(default: str, *, _root_: DictConfig) -> str:
+    """`hydra.run.dir`: output.dir when the user set one (for gs://, the local folder the run
+    writes and uploads from), else `default`, the folder output.dir then defaults to."""
+    run_dir = default
+    raw = OmegaConf.to_container(_root_.output, resolve=False)["dir"] if "output" in _root_ else ""
+    if "hydra:runtime.output_dir" not in str(raw):  # output.dir is not Hydra's: a user's choice
+        out = str(_root_.output.dir)
+        if out.startswith("gs://"):
+            from trainer.storage import Output
+
+            out = Output(out, False, str(_root_.storage.cache_dir), 0).local_dir
+        if os.path.isdir(out) or not os.path.exists(out):  # a file there: the job says so
+            run_dir = out
+    path = os.path.abspath(run_dir)
+    if path not in _BEFORE:  # Hydra resolves this more than once; the first time is before
+        log = os.path.join(path, f"{_root_.hydra.job.name}.log")
+        subdir = os.path.join(path, str(_root_.hydra.output_subdir))
+        _BEFORE[path] = _Before(
+            created=_missing_folders(path),
+            log_size=os.path.getsize(log) if os.path.isfile(log) else None,
+            hydra_files=_read_folder(subdir) if os.path.isdir(subdir) else None,
+        )
+    return run_dir
+
+
+def _missing_folders(path: str) -> list[str]:
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _read_folder(folder: str) -> dict[str, bytes]:
+    files = {}
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name), "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+OmegaConf.register_new_resolver("trainer.run_dir", _run_dir)
+
+
+def _undo_unused_run_dir() -> None:
+    """A run that wrote nothing (a config or data error) leaves no trace: the folders its run
+    directory needed go if they hold only Hydra's files (.hydra/, train.log); in a folder that
+    existed, an earlier run's Hydra files are put back as they were."""
+    hydra = HydraConfig.get()
+    run_dir = hydra.runtime.output_dir
+    before = _BEFORE.get(run_dir)
+    if before is None or not os.path.isdir(run_dir):
+        return  # hydra.run.dir was given on the command line, or a sweep: Hydra's own layout
+    log = os.path.join(run_dir, f"{hydra.job.name}.log")
+    subdir = os.path.join(run_dir, str(hydra.output_subdir))
+    if before.created:
+        if not set(os.listdir(run_dir)) <= {os.path.basename(log), os.path.basename(subdir)}:
+            return
+    elif "tensorflow" in sys.modules:
+        return  # the job imports TensorFlow only after its checks: this run may have written
+    _close_file_logs(run_dir)
+    if before.log_size is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(log)
+    else:
+        os.truncate(log, before.log_size)
+    shutil.rmtree(subdir, ignore_errors=True)
+    if before.hydra_files is not None:
+        os.makedirs(subdir)
+        for name, data in before.hydra_files.items():
+            with open(os.path.join(subdir, name), "wb") as f:
+                f.write(data)
+    for folder in before.created:  # up to the first one something else has written to
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+def _close_file_logs(folder: str) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(folder):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def sweep_point_overrides(environ=os.environ) -> list[str]:

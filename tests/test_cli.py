@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import SMALL, last_error_line, run_module, run_trainer, trainer_env
 
+pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
+
 NO_GPU = pytest.mark.skipif(
     bool(glob.glob("/dev/nvidia*")), reason="a GPU machine may rightly print CUDA lines"
 )
@@ -45,15 +47,20 @@ def test_a_run_that_fails_before_training_leaves_no_folder(
     assert list(tmp_path.iterdir()) == []  # no outputs/DATE/TIME, no runs/first
 
 
+def _state(folder):
+    """Every path under `folder` with its modification time and, for a file, its bytes."""
+    return {p: (p.stat().st_mtime_ns, p.is_file() and p.read_bytes()) for p in folder.rglob("*")}
+
+
 def test_a_refused_run_leaves_the_finished_run_as_it_was(trained_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained_run.out, out)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = _state(out)
     result = run_trainer(
         f"data.train_dir={trained_run.train_dir}", f"output.dir={out}", "seed=7", cwd=tmp_path
     )
     assert result.returncode == 2 and "holds the outputs of an earlier run" in result.stderr
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert _state(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -108,3 +115,27 @@ def test_predict_help_says_what_it_is_as_the_user_types_it(tmp_path):
     assert lines[0].startswith("usage: python -m trainer.predict ")
     assert lines[1].startswith("Classify images with a trained run's exported model")
     assert "predict.py" not in result.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Output.prepare clears the gs:// working folder with rmtree, Hydra's train.log with it;"
+    " it must keep train.log and .hydra/ (remove only OUTPUTS and BACKUP there)",
+)
+def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp_path):
+    """For gs://, Hydra's run directory is the local folder the run uploads from."""
+    emulator.client().create_bucket("cli-log")
+    out = "gs://cli-log/runs/first"
+    result = run_trainer(
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={out}",
+        f"storage.cache_dir={tmp_path / 'cache'}",
+        "train.epochs=1",
+        *SMALL,
+        cwd=tmp_path,
+        env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"_SUCCESS", "train.log"} <= set(emulator.names(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no outputs/DATE/TIME

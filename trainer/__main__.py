@@ -7,7 +7,6 @@ directory (train.log, .hydra/) is output.dir when one is set (see `_run_dir`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -92,8 +91,8 @@ class _Before:
     """A run directory as it was before Hydra wrote to it."""
 
     created: list[str]  # the folders Hydra is about to make for it, deepest first
-    log_size: int | None  # of an earlier run's train.log there
-    hydra_files: dict[str, bytes] | None  # an earlier run's .hydra/
+    hydra_files: dict[str, bytes]  # an earlier run's .hydra/ files and train.log there
+    times: dict[str, tuple[int, int]]  # their (atime, mtime) in ns, .hydra/ itself last
 
 
 _BEFORE: dict[str, _Before] = {}
@@ -114,14 +113,20 @@ def _run_dir(default: str, *, _root_: DictConfig) -> str:
             run_dir = out
     path = os.path.abspath(run_dir)
     if path not in _BEFORE:  # Hydra resolves this more than once; the first time is before
-        log = os.path.join(path, f"{_root_.hydra.job.name}.log")
-        subdir = os.path.join(path, str(_root_.hydra.output_subdir))
+        log, subdir = _hydra_paths(path, _root_.hydra.job.name, _root_.hydra.output_subdir)
+        existing = [os.path.join(subdir, n) for n in _listdir(subdir)] + [log, subdir]
+        existing = [p for p in existing if os.path.exists(p)]
         _BEFORE[path] = _Before(
             created=_missing_folders(path),
-            log_size=os.path.getsize(log) if os.path.isfile(log) else None,
-            hydra_files=_read_folder(subdir) if os.path.isdir(subdir) else None,
+            hydra_files={p: _read(p) for p in existing if os.path.isfile(p)},
+            times={p: (os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns) for p in existing},
         )
     return run_dir
+
+
+def _hydra_paths(run_dir: str, job_name: str, output_subdir) -> tuple[str, str]:
+    """Hydra's log file and its folder of the composed config (.hydra/) in `run_dir`."""
+    return os.path.join(run_dir, f"{job_name}.log"), os.path.join(run_dir, str(output_subdir))
 
 
 def _missing_folders(path: str) -> list[str]:
@@ -132,13 +137,13 @@ def _missing_folders(path: str) -> list[str]:
     return missing
 
 
-def _read_folder(folder: str) -> dict[str, bytes]:
-    files = {}
-    for name in os.listdir(folder):
-        if os.path.isfile(os.path.join(folder, name)):
-            with open(os.path.join(folder, name), "rb") as f:
-                files[name] = f.read()
-    return files
+def _listdir(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 OmegaConf.register_new_resolver("trainer.run_dir", _run_dir)
@@ -153,25 +158,24 @@ def _undo_unused_run_dir() -> None:
     before = _BEFORE.get(run_dir)
     if before is None or not os.path.isdir(run_dir):
         return  # hydra.run.dir was given on the command line, or a sweep: Hydra's own layout
-    log = os.path.join(run_dir, f"{hydra.job.name}.log")
-    subdir = os.path.join(run_dir, str(hydra.output_subdir))
+    log, subdir = _hydra_paths(run_dir, hydra.job.name, hydra.output_subdir)
     if before.created:
         if not set(os.listdir(run_dir)) <= {os.path.basename(log), os.path.basename(subdir)}:
             return
     elif "tensorflow" in sys.modules:
         return  # the job imports TensorFlow only after its checks: this run may have written
     _close_file_logs(run_dir)
-    if before.log_size is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(log)
-    else:
-        os.truncate(log, before.log_size)
-    shutil.rmtree(subdir, ignore_errors=True)
-    if before.hydra_files is not None:
-        os.makedirs(subdir)
-        for name, data in before.hydra_files.items():
-            with open(os.path.join(subdir, name), "wb") as f:
+    for path in [os.path.join(subdir, n) for n in _listdir(subdir)] + [log]:
+        if path not in before.hydra_files and os.path.isfile(path):
+            os.remove(path)
+    if subdir not in before.times:
+        shutil.rmtree(subdir, ignore_errors=True)
+    for path, data in before.hydra_files.items():
+        if not os.path.isfile(path) or _read(path) != data:
+            with open(path, "wb") as f:
                 f.write(data)
+    for path, times in before.times.items():
+        os.utime(path, ns=times)
     for folder in before.created:  # up to the first one something else has written to
         try:
             os.rmdir(folder)

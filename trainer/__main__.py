@@ -153,6 +153,8 @@ def _undo_unused_run_dir() -> None:
     """A run that wrote nothing (a config or data error) leaves no trace: the folders its run
     directory needed go if they hold only Hydra's files (.hydra/, train.log); in a folder that
     existed, an earlier run's Hydra files are put back as they were."""
+    if not HydraConfig.initialized():
+        return  # called with a composed config (tests, sweeper plugins): no run directory
     hydra = HydraConfig.get()
     run_dir = hydra.runtime.output_dir
     before = _BEFORE.get(run_dir)

@@ -117,11 +117,6 @@ def test_predict_help_says_what_it_is_as_the_user_types_it(tmp_path):
     assert "predict.py" not in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Output.prepare clears the gs:// working folder with rmtree, Hydra's train.log with it;"
-    " it must keep train.log and .hydra/ (remove only OUTPUTS and BACKUP there)",
-)
 def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp_path):
     """For gs://, Hydra's run directory is the local folder the run uploads from."""
     emulator.client().create_bucket("cli-log")
@@ -137,5 +132,15 @@ def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp
         env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert {"_SUCCESS", "train.log"} <= set(emulator.names(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no outputs/DATE/TIME
+    names = set(emulator.names(out))
+    assert "_SUCCESS" in names
+    if "train.log" not in names:
+        pytest.xfail(
+            "Output.prepare clears the gs:// working folder with rmtree, Hydra's train.log with"
+            " it: it must keep train.log and .hydra/ (remove only OUTPUTS and BACKUP there)"
+        )
+    assert (
+        "found 2 classes"
+        in emulator.client().bucket("cli-log").blob("runs/first/train.log").download_as_text()
+    )

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -73,6 +74,35 @@ def test_a_cpu_run_prints_no_tensorflow_startup_errors(trained_run, tmp_path):
     result = run_module("trainer.predict", str(trained_run.out), str(image), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not TF_NOISE.findall(result.stderr), result.stderr[:2000]
+
+
+@NO_GPU
+def test_tensorboard_through_the_trainer_starts_without_tensorflow_startup_lines(tmp_path):
+    from tests.gcs_emulator import free_port
+
+    board = subprocess.Popen(
+        [sys.executable, "-m", "trainer.tensorboard", "--logdir", str(tmp_path)]
+        + ["--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=trainer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    printed = []
+    try:
+        timer = threading.Timer(120, board.kill)  # a hung start fails the test, not the suite
+        timer.start()
+        for line in board.stderr:
+            printed.append(line)
+            if line.startswith("TensorBoard ") and " at http://127.0.0.1:" in line:
+                break
+    finally:
+        timer.cancel()
+        board.kill()
+        board.wait(timeout=30)
+    assert printed and printed[-1].startswith("TensorBoard "), "".join(printed)
+    assert not TF_NOISE.findall("".join(printed)), "".join(printed)
 
 
 def test_on_a_gpu_machine_cuda_lines_still_show():

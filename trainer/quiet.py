@@ -36,6 +36,8 @@ def quiet_tensorflow_startup() -> None:
         min_level = 0
     if min_level <= 0 or "tensorflow" in sys.modules:
         return  # the user asked for everything, or it is too late
+    if any(isinstance(finder, _QuietImport) for finder in sys.meta_path):
+        return
     gpu_machine = bool(glob.glob("/dev/nvidia*"))
     sys.meta_path.insert(0, _QuietImport(lambda line: _is_noise(line, min_level, gpu_machine)))
 

@@ -1,12 +1,19 @@
 """What the run adds to TensorBoard beyond Keras' scalars: sample images, misclassified test
-images, the confusion matrix, and HParams so sweeps line up in the HParams tab."""
+images, the confusion matrix, and HParams so sweeps line up in the HParams tab.
+
+`python -m trainer.tensorboard --logdir DIR` is `tensorboard` without TensorFlow's start-up lines.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import tensorflow as tf
-from PIL import Image, ImageDraw
-from tensorboard.plugins.hparams import api as hp
+from trainer.quiet import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()  # before TensorFlow loads, when this module is the command
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from tensorboard.plugins.hparams import api as hp  # noqa: E402
 
 TILE = 128  # small training images are scaled up so their captions stay readable
 
@@ -125,3 +132,9 @@ def write_hparams(log_dir: str, hparams: dict, metrics: dict) -> None:
         hp.hparams(hparams)
         for name, value in metrics.items():
             tf.summary.scalar(name, value, step=0)
+
+
+if __name__ == "__main__":
+    from tensorboard.main import run_main
+
+    run_main()

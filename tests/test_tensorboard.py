@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -50,3 +52,28 @@ def test_hparams_with_final_metrics_for_the_hparams_tab(trained_run):
     assert session.hparams["image_size"].number_value == 32
     root = tags_by_run(trained_run.out / "tensorboard")["."]
     assert {"test_accuracy", "test_loss"} <= root
+
+
+def _ink(pixels) -> int:
+    """How many pixels of drawn text: dark in every channel."""
+    return int((np.asarray(pixels)[..., :3].max(axis=-1) < 128).sum())
+
+
+def _ink_of_text(text: str) -> int:
+    canvas = Image.new("RGB", (1200, 40), "white")
+    ImageDraw.Draw(canvas).text((10, 10), text, fill="black")
+    return _ink(canvas)
+
+
+def test_confusion_matrix_shows_every_class_name_whole():
+    """Headers are not cut (the hotdog run's read "not-hotd"): the margins hold every pixel of
+    every label drawn on its own, however long the name."""
+    from trainer.tensorboard import CELL, _confusion_image
+
+    classes = ["hotdog", "not-hotdog", "a class name far longer than any fixed margin would allow"]
+    image = _confusion_image(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 3]]), classes)
+    top, left = image.shape[0] - 3 * CELL, image.shape[1] - 3 * CELL
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    assert left > measure(f"true {classes[2]}") and top > measure(classes[2])  # grew with it
+    assert _ink(image[:top, left:]) == sum(_ink_of_text(name) for name in classes)
+    assert _ink(image[top:, :left]) == sum(_ink_of_text(f"true {name}") for name in classes)

@@ -46,6 +46,18 @@ def _syncable(relative: str, with_model: bool) -> bool:
     return True
 
 
+def _clear(folder: str, *, keep: tuple[str, ...]) -> None:
+    """Remove everything in `folder` but the names in `keep`."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name in keep:
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
 class Output:
     """The run's output directory: `local_dir` is where the run writes; `publish` finishes it.
 
@@ -127,8 +139,9 @@ class Output:
             if found and self.overwrite:
                 self._delete_remote_outputs()
             # The working folder is scratch: an earlier attempt's files must not be uploaded
-            # as this run's. Only the backup comes back, to resume from.
-            shutil.rmtree(self.local_dir, ignore_errors=True)
+            # as this run's. Only the backup comes back, to resume from; Hydra's log and
+            # config are this run's own (Hydra's run dir is this folder), uploaded with it.
+            _clear(self.local_dir, keep=rundir.HYDRA_FILES)
             if resume:
                 stage_prefix(
                     f"{self.uri}/{BACKUP}",

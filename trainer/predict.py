@@ -10,7 +10,9 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from trainer.quiet import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()  # TensorFlow's C++ start-up lines would bury the results
 
 from trainer import TrainerError  # noqa: E402
 from trainer.gcs import cache_path, default_cache_dir, is_gcs, list_objects, stage_prefix  # noqa: E402
@@ -95,7 +97,11 @@ def classify(serve, paths: list[str]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.predict",
+        description="Classify images with a trained run's exported model: one line per image,"
+        " path<TAB>class<TAB>probability.",
+    )
     parser.add_argument("model_dir", help="a run's output.dir or its saved_model/ (local or gs://)")
     parser.add_argument("images", nargs="+", help="image files or folders")
     args = parser.parse_args(argv)

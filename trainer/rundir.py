@@ -31,6 +31,7 @@ FEATURE_CACHE = ".feature_cache"
 PARTIAL = ".partial"  # suffix of a file being written, renamed into place when complete
 OLD = ".old"  # suffix of the previous model while a new one is moved into place
 
+HYDRA_FILES = ("train.log", ".hydra")  # Hydra's log and composed config (conf/config.yaml)
 FINISHED_MARKERS = (SUCCESS, SAVED_MODEL, METRICS)  # any of them: an earlier run finished here
 OUTPUTS = (SUCCESS, SAVED_MODEL, METRICS, LABELS, CONFIG, TENSORBOARD)  # what a run publishes
 

@@ -1,12 +1,19 @@
 """What the run adds to TensorBoard beyond Keras' scalars: sample images, misclassified test
-images, the confusion matrix, and HParams so sweeps line up in the HParams tab."""
+images, the confusion matrix, and HParams so sweeps line up in the HParams tab.
+
+`python -m trainer.tensorboard --logdir DIR` is `tensorboard` without TensorFlow's start-up lines.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import tensorflow as tf
-from PIL import Image, ImageDraw
-from tensorboard.plugins.hparams import api as hp
+from trainer.quiet import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()  # before TensorFlow loads, when this module is the command
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from tensorboard.plugins.hparams import api as hp  # noqa: E402
 
 TILE = 128  # small training images are scaled up so their captions stay readable
 
@@ -24,30 +31,46 @@ def _grid(images: np.ndarray, captions: list[str], columns: int = 4) -> np.ndarr
     return np.asarray(canvas)
 
 
+CELL = 48  # a confusion-matrix cell: room for a count of up to 5 digits
+PAD = 6
+
+
+def _text_image(draw: ImageDraw.ImageDraw, text: str) -> Image.Image:
+    """`text` in black on white, cropped to the default font's extent of it."""
+    left, top, right, bottom = draw.textbbox((0, 0), text)
+    label = Image.new("RGB", (right - left, bottom - top), "white")
+    ImageDraw.Draw(label).text((-left, -top), text, fill="black")
+    return label
+
+
 def _confusion_image(confusion: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Rows: true class, columns: predicted class. The margins are sized to the longest class
+    name, and column headers run upwards, so names of any length stay whole and the matrix
+    grows only with the number of classes."""
     n = len(classes)
-    cell, margin = 48, 110
-    canvas = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows = [_text_image(draw, f"true {name}") for name in classes]
+    columns = [_text_image(draw, name).transpose(Image.Transpose.ROTATE_90) for name in classes]
+    title = _text_image(draw, "predicted ->")
+    left = max(title.width, *(r.width for r in rows)) + 2 * PAD
+    top = max(title.height, *(c.height for c in columns)) + 2 * PAD
+    canvas = Image.new("RGB", (left + n * CELL, top + n * CELL), "white")
+    canvas.paste(title, (PAD, top - PAD - title.height))
     draw = ImageDraw.Draw(canvas)
     peak = max(int(confusion.max()), 1)
     for t in range(n):
-        draw.text((4, margin + t * cell + cell // 3), f"true {classes[t]}"[:18], fill="black")
-        draw.text((margin + t * cell + 2, margin - 40 + (t % 2) * 14), classes[t][:8], fill="black")
+        canvas.paste(rows[t], (PAD, top + t * CELL + (CELL - rows[t].height) // 2))
+        x = left + t * CELL + (CELL - columns[t].width) // 2
+        canvas.paste(columns[t], (x, top - PAD - columns[t].height))  # read upwards from the row
         for p in range(n):
             shade = 255 - int(200 * confusion[t, p] / peak)
-            box = (
-                margin + p * cell,
-                margin + t * cell,
-                margin + (p + 1) * cell,
-                margin + (t + 1) * cell,
-            )
+            box = (left + p * CELL, top + t * CELL, left + (p + 1) * CELL, top + (t + 1) * CELL)
             draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
             draw.text(
-                (box[0] + 6, box[1] + cell // 3),
+                (box[0] + PAD, box[1] + CELL // 3),
                 str(confusion[t, p]),
                 fill="black" if shade > 120 else "white",
             )
-    draw.text((margin, 4), "predicted ->", fill="black")
     return np.asarray(canvas)
 
 
@@ -109,3 +132,9 @@ def write_hparams(log_dir: str, hparams: dict, metrics: dict) -> None:
         hp.hparams(hparams)
         for name, value in metrics.items():
             tf.summary.scalar(name, value, step=0)
+
+
+if __name__ == "__main__":
+    from tensorboard.main import run_main
+
+    run_main()

@@ -1,0 +1,172 @@
+"""What a user sees of the commands themselves: where a run leaves its log and Hydra's files, what
+it leaves when it fails, what TensorFlow prints on a CPU machine, and `--help`."""
+
+from __future__ import annotations
+
+import glob
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.conftest import SMALL, last_error_line, run_module, run_trainer, trainer_env
+
+pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
+
+NO_GPU = pytest.mark.skipif(
+    bool(glob.glob("/dev/nvidia*")), reason="a GPU machine may rightly print CUDA lines"
+)
+TF_NOISE = re.compile(r"^E\d{4} |Could not find cuda drivers|absl::InitializeLog", re.MULTILINE)
+
+
+def test_local_output_dir_holds_the_log_and_hydra_config_and_no_outputs_folder(trained_run):
+    root = trained_run.out.parent  # the run's working directory
+    log = (trained_run.out / "train.log").read_text()
+    assert "found 2 classes" in log and f"exported to {trained_run.out}/saved_model" in log
+    assert (trained_run.out / ".hydra" / "overrides.yaml").exists()
+    assert not (root / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["data.train_dir=no/such/folder"], "data.train_dir=no/such/folder: folder not found"),
+        (["data.image_size=3"], "data.image_size=3: must be >= 32"),
+    ],
+)
+@pytest.mark.parametrize("output_dir", ["runs/first", None])
+def test_a_run_that_fails_before_training_leaves_no_folder(
+    trained_run, tmp_path, overrides, says, output_dir
+):
+    data = [f"data.train_dir={trained_run.train_dir}", *SMALL]
+    out = [f"output.dir={output_dir}"] if output_dir else []
+    result = run_trainer(*data, *out, *overrides, cwd=tmp_path)
+    assert result.returncode == 2 and says in last_error_line(result)
+    assert list(tmp_path.iterdir()) == []  # no outputs/DATE/TIME, no runs/first
+
+
+def _state(folder):
+    """Every path under `folder` with its modification time and, for a file, its bytes."""
+    return {p: (p.stat().st_mtime_ns, p.is_file() and p.read_bytes()) for p in folder.rglob("*")}
+
+
+def test_a_refused_run_leaves_the_finished_run_as_it_was(trained_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained_run.out, out)
+    before = _state(out)
+    result = run_trainer(
+        f"data.train_dir={trained_run.train_dir}", f"output.dir={out}", "seed=7", cwd=tmp_path
+    )
+    assert result.returncode == 2 and "holds the outputs of an earlier run" in result.stderr
+    assert _state(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@NO_GPU
+def test_a_cpu_run_prints_no_tensorflow_startup_errors(trained_run, tmp_path):
+    assert not TF_NOISE.findall(trained_run.result.stderr), trained_run.result.stderr[:2000]
+    env = trainer_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user runs it: nothing set
+    image = next(trained_run.test_dir.glob("*/*.jpg"))
+    result = run_module("trainer.predict", str(trained_run.out), str(image), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not TF_NOISE.findall(result.stderr), result.stderr[:2000]
+
+
+@NO_GPU
+def test_tensorboard_through_the_trainer_starts_without_tensorflow_startup_lines(tmp_path):
+    from tests.gcs_emulator import free_port
+
+    board = subprocess.Popen(
+        [sys.executable, "-m", "trainer.tensorboard", "--logdir", str(tmp_path)]
+        + ["--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=trainer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    printed = []
+    try:
+        timer = threading.Timer(120, board.kill)  # a hung start fails the test, not the suite
+        timer.start()
+        for line in board.stderr:
+            printed.append(line)
+            if line.startswith("TensorBoard ") and " at http://127.0.0.1:" in line:
+                break
+    finally:
+        timer.cancel()
+        board.kill()
+        board.wait(timeout=30)
+    assert printed and printed[-1].startswith("TensorBoard "), "".join(printed)
+    assert not TF_NOISE.findall("".join(printed)), "".join(printed)
+
+
+def test_on_a_gpu_machine_cuda_lines_still_show():
+    from trainer.quiet import _is_noise
+
+    lines = [
+        "I0000 00:00:1795851835.991770   11725 cudart_stub.cc:31] Could not find cuda drivers",
+        "E0000 00:00:1795851841.824867   11725 cuda_platform.cc:52] failed call to cuInit: 303",
+    ]
+    assert not any(_is_noise(line, 2, gpu_machine=True) for line in lines)
+    assert all(_is_noise(line, 2, gpu_machine=False) for line in lines)
+    assert not _is_noise("E0000 00:00:1.0 1 op.cc:1] some other error", 2, gpu_machine=False)
+
+
+def test_trainer_help_says_what_it_is_as_the_user_types_it(tmp_path):
+    # The console script `trainer` calls trainer.__main__:main with argv[0] "trainer".
+    console_script = "import sys, trainer.__main__ as m; sys.argv[0] = 'trainer'; m.main()"
+    for result in (
+        run_module("trainer", "--help", cwd=tmp_path),
+        subprocess.run(
+            [sys.executable, "-c", console_script, "--help"],
+            cwd=tmp_path,
+            env=trainer_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ),
+    ):
+        assert result.returncode == 0, result.stderr
+        first = result.stdout.splitlines()[0]
+        assert first.startswith("python -m trainer (installed: trainer): fine-tune ResNet50")
+        assert "powered by Hydra" not in result.stdout
+        assert "train_dir: null" in result.stdout  # then the config a user overrides
+
+
+def test_predict_help_says_what_it_is_as_the_user_types_it(tmp_path):
+    result = run_module("trainer.predict", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("usage: python -m trainer.predict ")
+    assert lines[1].startswith("Classify images with a trained run's exported model")
+    assert "predict.py" not in result.stdout
+
+
+def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp_path):
+    """For gs://, Hydra's run directory is the local folder the run uploads from."""
+    emulator.client().create_bucket("cli-log")
+    out = "gs://cli-log/runs/first"
+    result = run_trainer(
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={out}",
+        f"storage.cache_dir={tmp_path / 'cache'}",
+        "train.epochs=1",
+        *SMALL,
+        cwd=tmp_path,
+        env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no outputs/DATE/TIME
+    names = set(emulator.names(out))
+    assert "_SUCCESS" in names
+    assert "train.log" in names
+    assert (
+        "found 2 classes"
+        in emulator.client().bucket("cli-log").blob("runs/first/train.log").download_as_text()
+    )

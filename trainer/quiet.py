@@ -1,0 +1,110 @@
+"""TensorFlow's C++ start-up lines, kept off the terminal of the trainer's commands.
+
+`import tensorflow` (2.21) prints absl's "All log messages before absl::InitializeLog() ..." banner
+and INFO lines (oneDNN, "Could not find cuda drivers"), once per library that carries its own
+absl; its first device listing then logs an error-level "failed call to cuInit" on a machine
+without a GPU. The INFO lines come from C++ before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so no
+setting hides them: while TensorFlow loads and lists its devices, the process's stderr (fd 2)
+goes to a temporary file, and every line but those is written back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.abc
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+
+_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_SEVERITY = re.compile(r"([IWEF])\d{4} ")  # absl's prefix: I0000 00:00:1795851835.99 ...
+_LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3
+
+
+def quiet_tensorflow_startup() -> None:
+    """Call before anything imports TensorFlow: its start-up lines below TF_CPP_MIN_LOG_LEVEL
+    (default 2, errors only) are dropped, and so is cuInit's error on a machine without GPUs.
+    On a machine with /dev/nvidia* every line that mentions CUDA still shows."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        min_level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    except ValueError:
+        min_level = 0
+    if min_level <= 0 or "tensorflow" in sys.modules:
+        return  # the user asked for everything, or it is too late
+    if any(isinstance(finder, _QuietImport) for finder in sys.meta_path):
+        return
+    gpu_machine = bool(glob.glob("/dev/nvidia*"))
+    sys.meta_path.insert(0, _QuietImport(lambda line: _is_noise(line, min_level, gpu_machine)))
+
+
+def _is_noise(line: str, min_level: int, gpu_machine: bool) -> bool:
+    if line.strip() == _BANNER:
+        return True
+    severity = _SEVERITY.match(line)
+    if severity is None:
+        return False  # Python's own output (warnings, tracebacks) always passes
+    if gpu_machine and "cuda" in line.lower():
+        return False  # a GPU that will not be used must not go unnoticed
+    if _LEVELS.index(severity.group(1)) < min_level:
+        return True
+    return not gpu_machine and "failed call to cuInit" in line
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once, with a loader that filters stderr while the module runs."""
+
+    def __init__(self, drop: Callable[[str], bool]):
+        self.drop = drop
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader, self.drop)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader, drop: Callable[[str], bool]):
+        self.loader = loader
+        self.drop = drop
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        with _stderr_filtered(self.drop):
+            self.loader.exec_module(module)
+            # The first device listing is where CUDA is initialized (and cuInit fails without
+            # a GPU); doing it now changes nothing else: devices are listed once per process.
+            module.config.list_physical_devices()
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+@contextlib.contextmanager
+def _stderr_filtered(drop: Callable[[str], bool]) -> Iterator[None]:
+    """fd 2 (C++ and Python alike) goes to a file, unlinked from the start; lines that `drop`
+    rejects are written back to stderr on the way out, in order, exceptions included."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not drop(line)))
+            sys.stderr.flush()

@@ -78,7 +78,7 @@ def test_a_cpu_run_prints_no_tensorflow_startup_errors(trained_run, tmp_path):
 
 @NO_GPU
 def test_tensorboard_through_the_trainer_starts_without_tensorflow_startup_lines(tmp_path):
-    from tests.gcs_emulator import free_port
+    from scripts.gcs_emulator import free_port
 
     board = subprocess.Popen(
         [sys.executable, "-m", "trainer.tensorboard", "--logdir", str(tmp_path)]

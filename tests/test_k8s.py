@@ -197,7 +197,10 @@ def test_one_run_job_fails_fast_on_exit_2_3_5_and_ignores_preemption():
     assert security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
     assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"] == "trainer"
     assert container["args"][: len(BASE)] == BASE
-    assert "hydra.run.dir=/scratch/hydra" in container["args"]
+    # Hydra's run dir (train.log) follows output.dir to a folder on the writable scratch volume.
+    assert not any(arg.startswith("hydra.run.dir=") for arg in container["args"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TRAINER_CACHE_DIR"].startswith("/scratch/")
 
 
 def test_gsa_and_accelerator_land_where_gke_reads_them_and_no_namespace_by_default():

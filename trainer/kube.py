@@ -44,8 +44,6 @@ INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in an Indexed Job's pods
 PLACEHOLDER_IMAGE = "ghcr.io/example/trainer:0.1.0"
 PLACEHOLDER_GSA = "trainer@PROJECT.iam.gserviceaccount.com"
 SERVICE_ACCOUNT = "trainer"
-# Hydra's own log and config stay on the pod's scratch; the run's outputs go to output.dir.
-HYDRA_IN_POD = ["hydra.run.dir=/scratch/hydra", "hydra.output_subdir=null"]
 
 EXIT_PERMANENT = [2, 3, 5]  # bad config/data, below min_accuracy, max_hours reached
 EXIT_PEER_LOST = 4
@@ -264,7 +262,9 @@ def job(
     (an Indexed Job, index = worker), or a sweep (an Indexed Job, index i runs points[i])."""
     pods = len(points) if sweep else workers  # completions
     at_once = min(parallelism, pods) if sweep else workers
-    args = HYDRA_IN_POD if sweep else points[0] + HYDRA_IN_POD
+    # No hydra.run.dir: for a gs:// output.dir Hydra's run dir is the local folder the run
+    # uploads from (under TRAINER_CACHE_DIR on /scratch), so train.log reaches the bucket too.
+    args = [] if sweep else points[0]
     pod = {"restartPolicy": "Never"} | pod_spec(
         container=CONTAINER,
         image=image,
@@ -360,7 +360,6 @@ def tfjob_example_text() -> str:
         "data.train_dir=gs://BUCKET/hotdog/train",
         "data.test_dir=gs://BUCKET/hotdog/test",
         "output.dir=gs://BUCKET/runs/tfjob",
-        "hydra.run.dir=/scratch/hydra",
     ]
     manifest = tfjob(
         name="trainer-tfjob", image=PLACEHOLDER_IMAGE, args=args, workers=2, res=Resources()

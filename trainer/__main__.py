@@ -18,8 +18,8 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from trainer import BelowMinAccuracy, TrainerError  # noqa: E402
-from trainer.config import register_configs  # noqa: E402
+from trainer import BelowMinAccuracy, LostPeer, TimeLimitReached, TrainerError  # noqa: E402
+from trainer.config import enum_overrides, register_configs  # noqa: E402
 
 register_configs()
 
@@ -47,6 +47,14 @@ def _hydra_main(cfg: DictConfig) -> float:
         _exit(3, f"trainer: {error}")
     except Preempted as error:  # 128 + SIGTERM, as if the signal had ended us: the Job retries
         _exit(143, f"trainer: stopped: {error}; run again with the same output.dir to resume")
+    except TimeLimitReached as error:
+        _exit(5, f"trainer: {error}")
+    except Exception as error:  # a collective failing because another worker is gone: exit 4
+        distribute = sys.modules.get("trainer.distribute")  # not loaded: no cluster was joined
+        lost = error if isinstance(error, LostPeer) else distribute and distribute.lost_peer(error)
+        if not lost:
+            raise
+        _exit(4, f"trainer: lost a peer worker: {lost}; the Job's retry restarts every worker")
 
 
 def _exit(code: int, line: str) -> None:
@@ -78,7 +86,7 @@ def sweep_point_overrides(environ=os.environ) -> list[str]:
 
 def main() -> None:
     """Console script `trainer`; the same as `python -m trainer`."""
-    sys.argv += sweep_point_overrides()
+    sys.argv[1:] = enum_overrides(sys.argv[1:] + sweep_point_overrides())
     # Hydra would print multi-line reports and exit 1; let errors reach us to give exit codes.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -91,7 +91,7 @@ def _train_and_export(
     from trainer.export import export_saved_model, write_run_files
     from trainer.features import extract_features, feature_dataset, predict_files
     from trainer.model import build_model, feature_extractor, finetune_start, unfreeze_from
-    from trainer.train import evaluate, fit, predict_in_batches
+    from trainer.train import TimeLimit, evaluate, fit, predict_in_batches
 
     d, m, t = cfg.data, cfg.model, cfg.train
     fail = d.on_bad_image.value == "fail"
@@ -105,7 +105,9 @@ def _train_and_export(
     jit_compile = choose_jit_compile(t.jit_compile, strategy)
     log_dir = os.path.join(out_dir, "tensorboard")
     timings: dict[str, float] = {}
+    time_limit = TimeLimit(t.max_hours, started, workers[0])  # train.max_hours (issue 12)
     sync = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: output.sync())]
+    sync.append(time_limit)  # train.max_hours (issue 12): in every training phase
 
     with strategy.scope():
         model = build_model(len(classes), d.image_size, weights, m.dropout, cfg.seed)
@@ -191,7 +193,7 @@ def _train_and_export(
         )
         timings["head_s"] = time.perf_counter() - phase_started
 
-    if t.finetune_epochs:
+    if t.finetune_epochs and not time_limit.reached:  # train.max_hours (issue 12)
         if not os.path.exists(phase1_done):
             os.makedirs(backup_root, exist_ok=True)
             model.save_weights(phase1_done)
@@ -263,6 +265,7 @@ def _train_and_export(
         "replicas": replicas,
         "fast_path": fast_path,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "stopped_at_time_limit": time_limit.reached,  # train.max_hours (issue 12)
     }
     tensorboard.write_hparams(
         log_dir,
@@ -283,6 +286,7 @@ def _train_and_export(
     write_run_files(out_dir, classes, metrics, config_yaml)
     log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
 
+    time_limit.check(f"{output.uri}/metrics.json")  # train.max_hours (issue 12): exit 5
     if t.min_accuracy is not None and metrics["test_accuracy"] < t.min_accuracy:
         if chief:
             output.remove_backup()  # finished, if below target: a retry must not resume it

@@ -1,4 +1,4 @@
-"""Compile, fit, callbacks (per-epoch log, backups, SIGTERM), evaluation."""
+"""Compile, fit, callbacks (per-epoch log, backups, SIGTERM, time limit), evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 
 import keras
 import numpy as np
+
+from trainer import TimeLimitReached, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,39 @@ class StopOnSigterm(keras.callbacks.Callback):
                 if writer is not None:
                     writer.flush()
             raise Preempted(f"SIGTERM received; backup written to {self.backup.backup_dir}")
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """`train.max_hours`: after the step in which the limit passed (counted from `started`, a
+    time.perf_counter() taken at run start), stop training; `reached` tells the job to evaluate,
+    write metrics and skip the export. One instance serves every training phase."""
+
+    def __init__(self, max_hours: float | None, started: float, workers: int = 1):
+        super().__init__()
+        if max_hours is not None and workers > 1:
+            # Each worker would stop at its own clock's step: the others would wait in a collective.
+            raise TrainerError(
+                f"train.max_hours={max_hours}: only for single-worker runs (sweep points); bound a "
+                f"{workers}-worker Job with its activeDeadlineSeconds instead"
+            )
+        self.max_hours = max_hours
+        self.deadline = None if max_hours is None else started + max_hours * 3600
+        self.reached = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            if not self.reached:
+                log.info("train.max_hours=%g reached: training stops here", self.max_hours)
+            self.reached = True
+            self.model.stop_training = True
+
+    def check(self, metrics_uri: str) -> None:
+        """Raise TimeLimitReached (exit 5) if the limit stopped training."""
+        if self.reached:
+            raise TimeLimitReached(
+                f"train.max_hours={self.max_hours} reached: training stopped early, metrics "
+                f"written to {metrics_uri} (stopped_at_time_limit: true), model not exported"
+            )
 
 
 def fit(

@@ -209,19 +209,29 @@ def test_a_worker_killed_mid_training_makes_the_survivor_exit_4(folders, tmp_pat
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
-def test_an_error_outside_a_cluster_is_no_lost_peer(monkeypatch):
+def test_a_collective_error_is_a_lost_peer_only_inside_a_cluster(monkeypatch):
     import tensorflow as tf
 
     from trainer import LostPeer
     from trainer.distribute import lost_peer
 
-    unavailable = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: peer died")
+    unavailable = tf.errors.UnavailableError(
+        None,
+        None,
+        "{{function_node __wrapped__CollectiveReduceV2}} Collective ops is aborted by: "
+        "Error reported from /job:worker/task:1: The following tasks are unhealthy\nmore",
+    )
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("TRAINER_WORKERS", raising=False)
     assert lost_peer(unavailable) is None  # one machine: a crash of our own, not a lost peer
     two = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(two))
-    assert isinstance(lost_peer(unavailable), LostPeer)
+    lost = lost_peer(unavailable)
+    assert isinstance(lost, LostPeer)
+    assert str(lost) == (  # the line a user reads: the error, not TensorFlow's graph tag
+        "UnavailableError: Collective ops is aborted by: Error reported from /job:worker/task:1: "
+        "The following tasks are unhealthy"
+    )
     assert lost_peer(ValueError("a bug")) is None
 
 

@@ -12,6 +12,7 @@ import faulthandler
 import json
 import logging
 import os
+import re
 
 import tensorflow as tf
 
@@ -130,6 +131,7 @@ def lost_peer(error: BaseException) -> LostPeer | None:
         return None
     message = getattr(error, "message", None) or str(error)
     first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    first = re.sub(r"\{\{[^}]*\}\}\s*", "", first)  # TensorFlow's {{function_node ...}} tag
     return LostPeer(f"{type(error).__name__}: {first[:300]}")
 
 

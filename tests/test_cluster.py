@@ -142,7 +142,9 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _worker(folders, out: Path, ports: list[int], index: int, log) -> subprocess.Popen:
+def _worker(
+    folders, out: Path, ports: list[int], index: int, log, *overrides: str
+) -> subprocess.Popen:
     train_dir, test_dir = folders
     workers = [f"127.0.0.1:{port}" for port in ports]
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
@@ -163,6 +165,7 @@ def _worker(folders, out: Path, ports: list[int], index: int, log) -> subprocess
             "train.epochs=100",
             "train.precision=float32",
             "distribute.timeout_seconds=60",
+            *overrides,
         ],
         cwd=REPO,
         env=env,
@@ -207,6 +210,32 @@ def test_a_worker_killed_mid_training_makes_the_survivor_exit_4(folders, tmp_pat
     assert last.endswith("; the Job's retry restarts every worker")
     assert waited < 120
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_max_hours_stops_every_worker_after_the_same_epoch_and_all_exit_5(folders, tmp_path):
+    ports = _free_ports(2)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = []
+    try:
+        for index in range(2):
+            with open(logs[index], "w") as log:
+                workers.append(
+                    _worker(folders, tmp_path / "out", ports, index, log, "train.max_hours=0.0001")
+                )
+        for worker in workers:
+            worker.wait(timeout=300)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    outputs = [path.read_text(errors="replace") for path in logs]
+    assert [w.returncode for w in workers] == [5, 5], outputs[0][-2000:] + outputs[1][-2000:]
+    assert all("epoch 1/100" in x and "epoch 2/100" not in x for x in outputs)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["stopped_at_time_limit"] is True
+    assert not (tmp_path / "out" / "saved_model").exists()
 
 
 def test_a_collective_error_is_a_lost_peer_only_inside_a_cluster(monkeypatch):

@@ -17,4 +17,3 @@ class TimeLimitReached(Exception):
 
 class BelowMinAccuracy(Exception):
     """The run trained but missed `train.min_accuracy`. Exit code 3; metrics written, no export."""
-

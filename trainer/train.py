@@ -12,7 +12,7 @@ import time
 import keras
 import numpy as np
 
-from trainer import TimeLimitReached, TrainerError
+from trainer import TimeLimitReached
 
 log = logging.getLogger(__name__)
 
@@ -128,28 +128,45 @@ class StopOnSigterm(keras.callbacks.Callback):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """`train.max_hours`: after the step in which the limit passed (counted from `started`, a
-    time.perf_counter() taken at run start), stop training; `reached` tells the job to evaluate,
-    write metrics and skip the export. One instance serves every training phase."""
+    """`train.max_hours`: once the limit has passed (counted from `started`, a
+    time.perf_counter() taken at run start), stop training after the current step (one worker) or
+    epoch (several); `reached` tells the job to evaluate, write metrics and skip the export. One
+    instance serves every training phase."""
 
     def __init__(self, max_hours: float | None, started: float, workers: int = 1):
         super().__init__()
-        if max_hours is not None and workers > 1:
-            # Each worker would stop at its own clock's step: the others would wait in a collective.
-            raise TrainerError(
-                f"train.max_hours={max_hours}: only for single-worker runs (sweep points); bound a "
-                f"{workers}-worker Job with its activeDeadlineSeconds instead"
-            )
         self.max_hours = max_hours
         self.deadline = None if max_hours is None else started + max_hours * 3600
+        self.workers = workers
         self.reached = False
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.deadline is not None and time.perf_counter() >= self.deadline:
-            if not self.reached:
-                log.info("train.max_hours=%g reached: training stops here", self.max_hours)
-            self.reached = True
-            self.model.stop_training = True
+        if self.workers == 1 and self._passed():
+            self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Each worker's clock passes the limit at its own step, and a worker that stopped alone
+        # would leave the others waiting in a collective: with several workers they agree (one
+        # all-reduce an epoch) and all stop after the same epoch.
+        if self.workers > 1 and self.deadline is not None and self._agreed():
+            self._stop()
+
+    def _passed(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def _agreed(self) -> bool:
+        import tensorflow as tf
+
+        strategy = self.model.distribute_strategy
+        passed = tf.constant(1.0 if self._passed() else 0.0)
+        values = strategy.experimental_distribute_values_from_function(lambda _: passed)
+        return float(strategy.reduce("SUM", values, axis=None)) > 0  # any worker
+
+    def _stop(self) -> None:
+        if not self.reached:
+            log.info("train.max_hours=%g reached: training stops here", self.max_hours)
+        self.reached = True
+        self.model.stop_training = True
 
     def check(self, metrics_uri: str) -> None:
         """Raise TimeLimitReached (exit 5) if the limit stopped training."""

@@ -24,8 +24,14 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from trainer import BelowMinAccuracy, TrainerError, config_error_line  # noqa: E402
-from trainer.config import register_configs  # noqa: E402
+from trainer import (  # noqa: E402
+    BelowMinAccuracy,
+    LostPeer,
+    TimeLimitReached,
+    TrainerError,
+    config_error_line,
+)
+from trainer.config import enum_overrides, register_configs  # noqa: E402
 from trainer.kube import sweep_point_overrides  # noqa: E402
 
 register_configs()
@@ -52,16 +58,29 @@ def _hydra_main(cfg: DictConfig) -> float:
         _exit(2, f"trainer: error: {error}")
     except BelowMinAccuracy as error:
         _exit(3, f"trainer: {error}")
+    except TimeLimitReached as error:
+        _exit(5, f"trainer: {error}")
     except Exception as error:
-        # Not `from trainer.train import Preempted` up front: trainer.train loads TensorFlow,
-        # and config and folder errors must not wait for it. Unloaded, nothing was preempted.
-        train = sys.modules.get("trainer.train")
-        if train is None or not isinstance(error, train.Preempted):
+        code, line = _exit_for(error)
+        if code is None:
             raise
-        # 128 + SIGTERM, as if the signal had ended us: the Job retries
-        _exit(143, f"trainer: stopped: {error}; run again with the same output.dir to resume")
+        _exit(code, line)
     finally:
         _undo_unused_run_dir()
+
+
+def _exit_for(error: Exception) -> tuple[int | None, str]:
+    """Exit 143 for a preemption, 4 for a lost peer worker, None for a crash. The modules are
+    looked up, not imported: they load TensorFlow, and unloaded means neither could happen."""
+    train = sys.modules.get("trainer.train")
+    if train is not None and isinstance(error, train.Preempted):
+        # 128 + SIGTERM, as if the signal had ended us: the Job retries
+        return 143, f"trainer: stopped: {error}; run again with the same output.dir to resume"
+    distribute = sys.modules.get("trainer.distribute")  # not loaded: no cluster was joined
+    lost = error if isinstance(error, LostPeer) else distribute and distribute.lost_peer(error)
+    if lost:
+        return 4, f"trainer: lost a peer worker: {lost}; the Job's retry restarts every worker"
+    return None, ""
 
 
 def _exit(code: int, line: str) -> None:
@@ -181,7 +200,7 @@ def _close_file_logs(folder: str) -> None:
 
 def main() -> None:
     """Console script `trainer`; the same as `python -m trainer`."""
-    sys.argv += sweep_point_overrides()
+    sys.argv[1:] = enum_overrides(sys.argv[1:] + sweep_point_overrides())
     # Hydra would print multi-line reports and exit 1; let errors reach us to give exit codes.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

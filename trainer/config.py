@@ -27,54 +27,71 @@ class Strategy(Enum):
     multi_worker = "multi_worker"
 
 
+class Precision(Enum):
+    auto = "auto"
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+class JitCompile(Enum):
+    """XLA on/off. Hydra parses `=true`/`=false` as booleans, which OmegaConf will not take for
+    an Enum; `enum_overrides` turns them back into these names before Hydra composes."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+
 @dataclass
 class DataConfig:
-    train_dir: str | None = None
-    test_dir: str | None = None  # null: split `validation_split` off train_dir
-    validation_split: float = 0.2
-    image_size: int = 224
-    batch_size: int = 32  # per replica
-    augment: bool = False  # random flip, rotation and zoom, applied on the fly
-    on_bad_image: BadImagePolicy = BadImagePolicy.skip
+    train_dir: str | None = None  # local or gs://, one subfolder per class (JPEG, PNG, BMP, GIF)
+    test_dir: str | None = None  # null: validation_split of train_dir is held out (seeded)
+    validation_split: float = 0.2  # only used when test_dir is null
+    image_size: int = 224  # ResNet50's native size; 32-64 px for quick tests and demos
+    batch_size: int = 32  # per replica: the global batch is batch_size x replicas
+    augment: bool = False  # true: random flip/rotation/zoom, but the backbone then runs each step
+    on_bad_image: BadImagePolicy = BadImagePolicy.skip  # skip: listed in the log; fail: exit 2
 
 
 @dataclass
 class ModelConfig:
-    weights: str | None = "imagenet"  # imagenet | null | path to *_notop.h5 or *.weights.h5
-    dropout: float = 0.2
+    weights: str | None = "imagenet"  # null: random init (tests, demos); or a *_notop.h5 path
+    dropout: float = 0.2  # before the head; raise it if the head overfits a small dataset
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    min_accuracy: float | None = None
-    feature_cache_max_mb: int = 1024
-    finetune_epochs: int = 0
-    finetune_from: str = "conv5_block1_1_conv"
-    finetune_learning_rate: float = 1e-5
-    backup_every_steps: int = 0  # 0: back up at each epoch's end; N: every N steps too
-    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
-    jit_compile: str = "auto"  # auto | true | false (XLA)
+    epochs: int = 10  # head epochs; cheap on cached features, so more is rarely a cost problem
+    learning_rate: float = 1e-3  # Adam, for the head
+    min_accuracy: float | None = None  # below it: metrics written, no export, exit code 3
+    max_hours: float | None = None  # per-run limit: stop, evaluate, no export, exit 5 (sweeps)
+    feature_cache_max_mb: int = 1024  # larger feature sets spill to a file under output.dir
+    finetune_epochs: int = 0  # > 0: a second phase that unfreezes the backbone from finetune_from
+    finetune_from: str = "conv5_block1_1_conv"  # ResNet50's last stage; earlier layers overfit
+    finetune_learning_rate: float = 1e-5  # low, so the pretrained features are nudged, not lost
+    backup_every_steps: int = 0  # 0: back up at each epoch's end; N: every N steps (long epochs)
+    precision: Precision = Precision.auto  # auto: measured per device, see docs/distributed.md
+    jit_compile: JitCompile = JitCompile.auto  # XLA; auto: on GPUs only (slower on CPUs)
 
 
 @dataclass
 class DistributeConfig:
-    strategy: Strategy = Strategy.auto
-    simulate_devices: int | None = None
+    strategy: Strategy = Strategy.auto  # auto: multi_worker in a cluster, mirrored on >1 GPU
+    simulate_devices: int | None = None  # N: split the CPU in N devices to try mirrored locally
     timeout_seconds: int = 600  # multi_worker: give up on a worker lost this long (0: never)
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "${hydra:runtime.output_dir}"
-    overwrite: bool = False
+    dir: str = "${hydra:runtime.output_dir}"  # local or gs://; each run and sweep job its own
+    overwrite: bool = False  # true: replace a finished run's outputs in dir
 
 
 @dataclass
 class StorageConfig:
     cache_dir: str = "${oc.env:TRAINER_CACHE_DIR,/tmp/trainer-cache}"  # gs:// inputs staged here
-    sync_seconds: int = 60  # how often TensorBoard events are pushed to a gs:// output.dir
+    sync_seconds: int = 60  # how often TensorBoard events reach a gs:// output.dir (0: epoch ends)
     feature_cache: str | None = "${storage.cache_dir}/features"  # shared by runs; gs://; null: off
 
 
@@ -86,12 +103,29 @@ class Config:
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    seed: int = 42
+    seed: int = 42  # splits, shuffling, initial weights and augmentation
 
 
 def register_configs() -> None:
     """Register the schema that conf/config.yaml extends, so Hydra type-checks every key."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+# Keys whose Enum has members named true/false, which Hydra's override parser reads as booleans.
+_BOOLEAN_NAMED_ENUMS = ("train.jit_compile",)
+
+
+def enum_overrides(overrides: list[str]) -> list[str]:
+    """`overrides` with `train.jit_compile=true` (also `=false`, `=True`, sweeps `=true,false`)
+    quoted as strings, so Hydra hands the JitCompile Enum a name instead of a boolean."""
+    fixed = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        words = value.split(",")
+        if sep and key.lstrip("+~") in _BOOLEAN_NAMED_ENUMS and all(w.isalpha() for w in words):
+            override = key + "=" + ",".join(f"'{w.lower()}'" for w in words)
+        fixed.append(override)
+    return fixed
 
 
 def _check(ok: bool, key: str, value: object, requirement: str) -> None:
@@ -147,18 +181,8 @@ def validate(cfg: DictConfig) -> None:
         t.finetune_learning_rate,
         "must be > 0",
     )
-    _check(
-        t.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
-        "train.precision",
-        t.precision,
-        "must be auto, float32, mixed_float16 or mixed_bfloat16",
-    )
-    _check(
-        str(t.jit_compile).lower() in ("auto", "true", "false"),
-        "train.jit_compile",
-        t.jit_compile,
-        "must be auto, true or false",
-    )
+    if t.max_hours is not None:
+        _check(t.max_hours > 0, "train.max_hours", t.max_hours, "must be > 0, or null")
     _check(dist.timeout_seconds >= 0, "distribute.timeout_seconds", dist.timeout_seconds, ">= 0")
     if dist.simulate_devices is not None:
         _check(

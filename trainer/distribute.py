@@ -1,21 +1,9 @@
 """Choose the tf.distribute strategy, the precision and XLA from config, devices and environment.
 
-`distribute.strategy=auto` picks `multi_worker` when TF_CONFIG (or the Indexed Job environment
-below) names more than one worker, `mirrored` when more than one GPU (or simulated CPU device)
-is visible, else `default` (one device).
-
-Multi-worker on Kubernetes without an operator: an Indexed Job plus a headless Service gives pod
-i the stable name `<job>-<i>.<service>`. From these variables the trainer builds TF_CONFIG:
-
-    JOB_COMPLETION_INDEX  set by Kubernetes in every Indexed Job pod: this worker's index
-    TRAINER_WORKERS       number of workers (the Job's completions and parallelism)
-    TRAINER_JOB_NAME      the Job's name (pod i's hostname is <job>-<i>)
-    TRAINER_SERVICE       the headless Service named as the pods' subdomain
-    TRAINER_PORT          the gRPC port every worker listens on (default 2222)
-
-TRAINER_WORKERS is the switch: JOB_COMPLETION_INDEX alone (a sweep run as an Indexed Job) does
-not make a cluster. A TF_CONFIG already in the environment (Kubeflow's TFJob sets one) wins and
-is used unchanged. See docs/distributed.md.
+`distribute.strategy=auto` picks `multi_worker` when the cluster (trainer/cluster.py: TF_CONFIG or
+an Indexed Job's TRAINER_WORKERS) has more than one worker, `mirrored` when more than one GPU (or
+simulated CPU device) is visible, else `default` (one device). Measurements behind the `auto`
+choices, the failure bounds and the exit codes: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -24,100 +12,29 @@ import faulthandler
 import json
 import logging
 import os
-from collections.abc import Mapping, MutableMapping
+import re
 
 import tensorflow as tf
 
-from trainer import TrainerError
+from trainer import LostPeer, TrainerError
+from trainer.cluster import ENV_JOB_NAME, ENV_SERVICE, ENV_WORKERS, Cluster, from_environment, parse
 
 log = logging.getLogger(__name__)
 
-ENV_INDEX = "JOB_COMPLETION_INDEX"
-ENV_WORKERS = "TRAINER_WORKERS"
-ENV_JOB_NAME = "TRAINER_JOB_NAME"
-ENV_SERVICE = "TRAINER_SERVICE"
-ENV_PORT = "TRAINER_PORT"
-DEFAULT_PORT = 2222
-
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-
-# Backbone pass (ResNet50 feature extraction) on the development machine, 2 CPU cores of an AMD
-# EPYC with AVX512_BF16, measured side by side in one run by scripts/measure_backbone.py
-# (64 images of 224 px, global batch 32, best of 3 rounds, images/s):
-#
-#   precision        1 device   2 simulated devices   1 device + XLA
-#   float32            22.3           21.9                 20.6
-#   mixed_bfloat16     32.3           31.6                  -
-#
-# mixed_bfloat16 is 1.45x faster, so `auto` takes it on CPUs with native bf16 instructions
-# (without them oneDNN emulates bf16, slower than float32). Two simulated devices share the same
-# two cores and gain nothing; XLA on CPU is slower, so jit_compile=auto leaves it off there.
+# Measured: mixed_bfloat16 runs the backbone 1.45x faster than float32 on CPUs with native bf16
+# instructions (docs/distributed.md); without them oneDNN emulates bf16, slower than float32.
 BF16_CPU_SPEEDUP = 1.45
-
-
-def _int_env(env: Mapping[str, str], name: str, minimum: int) -> int:
-    value = env.get(name, "")
-    try:
-        number = int(value)
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise TrainerError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return number
-
-
-def indexed_job_tf_config(env: Mapping[str, str]) -> dict | None:
-    """TF_CONFIG for this pod of a Kubernetes Indexed Job, or None outside one (no TRAINER_WORKERS)
-    or with a single worker. Worker i is addressed as `<job>-<i>.<service>:<port>`."""
-    if not env.get(ENV_WORKERS):
-        return None
-    workers = _int_env(env, ENV_WORKERS, 1)
-    if workers == 1:
-        return None
-    if ENV_INDEX not in env:
-        raise TrainerError(
-            f"{ENV_WORKERS}={workers} but {ENV_INDEX} is not set: run the workers as a Kubernetes "
-            "Indexed Job (completionMode: Indexed), or set TF_CONFIG yourself"
-        )
-    index = _int_env(env, ENV_INDEX, 0)
-    if index >= workers:
-        raise TrainerError(f"{ENV_INDEX}={index}: must be below {ENV_WORKERS}={workers}")
-    for name in (ENV_JOB_NAME, ENV_SERVICE):
-        if not env.get(name):
-            raise TrainerError(
-                f"{name} is not set: with {ENV_WORKERS}={workers} the trainer needs the Job's name "
-                f"({ENV_JOB_NAME}) and its headless Service ({ENV_SERVICE}) to address the workers"
-            )
-    port = _int_env(env, ENV_PORT, 1) if env.get(ENV_PORT) else DEFAULT_PORT
-    job, service = env[ENV_JOB_NAME], env[ENV_SERVICE]
-    return {
-        "cluster": {"worker": [f"{job}-{i}.{service}:{port}" for i in range(workers)]},
-        "task": {"type": "worker", "index": index},
-    }
-
-
-def resolve_tf_config(env: MutableMapping[str, str] | None = None) -> dict | None:
-    """The cluster this process belongs to: TF_CONFIG as given (Kubeflow), else one derived from
-    the Indexed Job environment and written to TF_CONFIG for TensorFlow to read; None if neither."""
-    env = os.environ if env is None else env
-    if env.get("TF_CONFIG"):
-        try:
-            config = json.loads(env["TF_CONFIG"])
-        except json.JSONDecodeError as error:
-            raise TrainerError(f"TF_CONFIG: not valid JSON ({error})") from error
-        if not isinstance(config, dict):
-            raise TrainerError("TF_CONFIG: must be a JSON object with 'cluster' and 'task'")
-        return config
-    config = indexed_job_tf_config(env)
-    if config is not None:
-        env["TF_CONFIG"] = json.dumps(config)
-    return config
-
-
-def cluster_workers(tf_config: dict | None) -> int:
-    """How many training tasks (chief + workers) the cluster in `tf_config` has."""
-    cluster = (tf_config or {}).get("cluster", {})
-    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+# The Keras releases whose private trainer functions `_patch_keras_for_multi_worker` replaces were
+# read and tested (keras-team/keras#20585).
+KERAS_PATCH_VERIFIED = ((3, 12), (3, 15))
+# How TensorFlow reports, inside a collective, that another worker is gone: its coordination
+# service aborts the collectives (Unavailable, Aborted, Cancelled) or one times out.
+LOST_PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
+)
 
 
 def simulate_cpu_devices(count: int) -> None:
@@ -141,32 +58,29 @@ def choose_strategy(
     """`default` (one device), `mirrored` (all local GPUs, or the simulated CPUs), `multi_worker`
     (TF_CONFIG or the Indexed Job environment), or `auto`. Call before any other TensorFlow op:
     both the simulated devices and the multi-worker runtime must be set up before TF starts."""
-    tf_config = resolve_tf_config()
-    workers = cluster_workers(tf_config)
+    cluster = from_environment()
     if simulate_devices:
         simulate_cpu_devices(simulate_devices)
-    if strategy == "auto" and workers > 1:
+    if strategy == "auto" and cluster.workers > 1:
         strategy = "multi_worker"
-    if strategy in ("default", "mirrored") and workers > 1:
+    if strategy in ("default", "mirrored") and cluster.workers > 1:
         # Every worker would train alone and each would think it is the chief.
         raise TrainerError(
-            f"distribute.strategy={strategy}: TF_CONFIG names {workers} workers; use "
+            f"distribute.strategy={strategy}: TF_CONFIG names {cluster.workers} workers; use "
             "distribute.strategy=auto or multi_worker (or run one worker)"
         )
     if strategy == "multi_worker":
-        if tf_config is None:
+        if cluster.tf_config is None:
             raise TrainerError(
                 "distribute.strategy=multi_worker: no cluster found; set TF_CONFIG, or "
                 f"{ENV_WORKERS}, {ENV_JOB_NAME}, {ENV_SERVICE} in an Indexed Job"
             )
-        chosen = _multi_worker_strategy(tf_config, timeout_seconds)
-        task = tf_config.get("task", {})
+        chosen = _multi_worker_strategy(cluster, timeout_seconds)
         log.info(
-            "strategy: multi_worker, %d replicas (%d workers; this is %s %s)",
+            "strategy: multi_worker, %d replicas (%d workers; this is %s)",
             chosen.num_replicas_in_sync,
-            workers,
-            task.get("type"),
-            task.get("index"),
+            cluster.workers,
+            cluster.task,
         )
         return chosen
 
@@ -184,50 +98,59 @@ def choose_strategy(
     return chosen
 
 
-def _multi_worker_strategy(tf_config: dict, timeout_seconds: int) -> tf.distribute.Strategy:
+def _multi_worker_strategy(cluster: Cluster, timeout_seconds: int) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy that fails instead of waiting forever for a lost worker.
 
-    Three bounds. Start-up: joining waits for every worker inside TensorFlow's C++ code, holding
-    the GIL, with no timeout that fired here and deaf to SIGTERM; faulthandler's watchdog (a C
-    thread) then prints where it hung and exits with code 1 after `timeout_seconds`. A worker
-    that crashes or is killed later stops sending heartbeats; the coordination service notices
-    in about 10 s and aborts every collective. A worker that hangs while still alive: each
-    collective op gives up after `timeout_seconds`. Either error ends the other processes with
-    a non-zero exit code.
+    Joining blocks inside TensorFlow's C++ code holding the GIL and deaf to SIGTERM, so only
+    faulthandler's C watchdog can bound it (exit 1 after `timeout_seconds`); later losses surface
+    as collective errors that `lost_peer` turns into exit 4. Details: docs/distributed.md.
     """
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=float(timeout_seconds) if timeout_seconds else None
     )
     _patch_keras_for_multi_worker()
-    cluster = tf_config.get("cluster")
+    addresses = cluster.tf_config.get("cluster")
     if timeout_seconds:
-        log.info("joining the cluster %s (gives up after %d s)", cluster, timeout_seconds)
+        log.info("joining the cluster %s (gives up after %d s)", addresses, timeout_seconds)
         faulthandler.dump_traceback_later(timeout_seconds, exit=True)
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except ValueError as error:  # a malformed cluster; a lost worker is a crash (retryable)
         raise TrainerError(
             f"distribute.strategy=multi_worker: cannot use the cluster in TF_CONFIG "
-            f"({cluster}): {error}"
+            f"({addresses}): {error}"
         ) from error
     finally:
         faulthandler.cancel_dump_traceback_later()
 
 
+def lost_peer(error: BaseException) -> LostPeer | None:
+    """`error` as LostPeer when it is how TensorFlow reports, inside a multi-worker cluster, that
+    another worker is gone (preempted, crashed, unreachable); None for anything else."""
+    if not isinstance(error, LOST_PEER_ERRORS) or from_environment().workers < 2:
+        return None
+    message = getattr(error, "message", None) or str(error)
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    first = re.sub(r"\{\{[^}]*\}\}\s*", "", first)  # TensorFlow's {{function_node ...}} tag
+    return LostPeer(f"{type(error).__name__}: {first[:300]}")
+
+
 def _patch_keras_for_multi_worker() -> None:
     """Work around two Keras 3 bugs that stop `fit`/`evaluate` under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585, still present in 3.15):
+    (keras-team/keras#20585, verified on the KERAS_PATCH_VERIFIED releases):
 
     - `_maybe_symbolic_build` all-reduces a whole (x, y) batch across workers just to learn its
       shapes and fails on the tuple; the first replica's local batch has the same shapes.
     - step logs (loss, metric results: scalars) are reduced with `axis=0`, which a scalar lacks;
       the cross-replica mean of a scalar is `axis=None`.
     """
+    import keras
     from keras.src import tree
     from keras.src.backend.tensorflow import trainer as tf_trainer
 
     if getattr(tf_trainer, "_trainer_multi_worker_patch", False):
         return
+    _check_keras_for_patch(keras.__version__, tf_trainer)
     original_reduce = tf_trainer.reduce_per_replica
 
     def local_value(value):
@@ -255,28 +178,53 @@ def _patch_keras_for_multi_worker() -> None:
     tf_trainer._trainer_multi_worker_patch = True
 
 
+def _check_keras_for_patch(version: str, tf_trainer) -> None:
+    """Refuse when the private functions the patch replaces are gone; warn (one line) when this
+    Keras is outside the releases the patch was verified on, as it may no longer apply."""
+    missing = [
+        name
+        for name, owner in (
+            ("reduce_per_replica", tf_trainer),
+            ("TensorFlowTrainer._maybe_symbolic_build", tf_trainer.TensorFlowTrainer),
+        )
+        if not hasattr(owner, name.rpartition(".")[2])
+    ]
+    if missing:
+        raise TrainerError(
+            f"Keras {version}: keras.src.backend.tensorflow.trainer has no "
+            f"{', '.join(missing)}, which the multi-worker fix for keras-team/keras#20585 "
+            "replaces; use Keras 3.12-3.15 for distribute.strategy=multi_worker"
+        )
+    release = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    low, high = KERAS_PATCH_VERIFIED
+    if not low <= release <= high:
+        log.warning(
+            "Keras %s: the multi-worker fix for keras-team/keras#20585 was verified on Keras "
+            "%d.%d-%d.%d and may no longer apply (or be needed); see docs/distributed.md",
+            version,
+            *low,
+            *high,
+        )
+
+
+def _cluster_of(strategy: tf.distribute.Strategy) -> Cluster:
+    """The cluster a multi-worker `strategy` trains in (TF_CONFIG, exported by choose_strategy);
+    a one-machine Cluster for any other strategy."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return Cluster()
+    return parse(json.loads(os.environ.get("TF_CONFIG") or "{}"))
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the one worker that writes output.dir (always, outside multi-worker training)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (
-        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
-    )
+    return _cluster_of(strategy).chief
 
 
 def worker_shard(strategy: tf.distribute.Strategy) -> tuple[int, int]:
     """(number of workers, this worker's index): how the input files are split between machines.
     (1, 0) outside multi-worker training."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    if not cluster:
-        return 1, 0
-    count = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
-    if resolver.task_type == "chief":
-        return count, 0
-    return count, resolver.task_id + (1 if "chief" in cluster else 0)
+    cluster = _cluster_of(strategy)
+    return cluster.workers, cluster.index
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -288,17 +236,21 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_precision(precision: str) -> str:
+def _name(value) -> str:
+    """An Enum's value (trainer.config.Precision, JitCompile), or a string as given."""
+    return str(getattr(value, "value", value)).strip().lower()
+
+
+def choose_precision(precision) -> str:
     """Set Keras' global dtype policy from `train.precision` and return its name. `auto`:
     mixed_float16 on GPUs of compute capability >= 7.0 (tensor cores), float32 on older GPUs, and
-    on CPUs whatever measured faster (see BF16_CPU_SPEEDUP). The model's output layer stays
-    float32 in every policy (trainer/model.py)."""
+    on CPUs whatever measured faster (BF16_CPU_SPEEDUP). The model's output layer stays float32
+    in every policy (trainer/model.py)."""
     import keras
 
-    if precision not in PRECISIONS:
-        raise TrainerError(f"train.precision={precision}: must be one of {', '.join(PRECISIONS)}")
-    policy, why = precision, "train.precision"
-    if precision == "auto":
+    policy = _name(precision)
+    why = "train.precision"
+    if policy == "auto":
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             details = tf.config.experimental.get_device_details(gpus[0])
@@ -315,16 +267,11 @@ def choose_precision(precision: str) -> str:
     return policy
 
 
-def choose_jit_compile(
-    jit_compile: str, strategy: tf.distribute.Strategy | None = None
-) -> bool | str:
+def choose_jit_compile(jit_compile, strategy: tf.distribute.Strategy | None = None) -> bool | str:
     """`train.jit_compile` as Keras' `compile(jit_compile=...)` takes it: True, False or "auto".
     `auto` is Keras' own choice on GPUs and False without one: Keras' "auto" turns XLA on for
-    CPUs too, where it measured no faster (BF16_CPU_SPEEDUP's table: 20.6 against 22.3 images/s
-    in float32; an earlier 18.7 against 33.6 was tf.data's autotuner, see trainer/data.py)."""
-    value = str(jit_compile).strip().lower()
-    if value not in ("auto", "true", "false"):
-        raise TrainerError(f"train.jit_compile={jit_compile}: must be auto, true or false")
+    CPUs too, where it measured slower (docs/distributed.md)."""
+    value = _name(jit_compile)
     if value == "auto":
         return "auto" if tf.config.list_logical_devices("GPU") else False
     if value == "false":

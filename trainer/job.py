@@ -85,7 +85,12 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     images = image_pipelines(ctx, augment=cfg.data.augment)
     write_sample_batch(ctx, images=images)
     schedule = schedule_of(cfg)
-    trained = train_phases(ctx, model=model, images=images, schedule=schedule)
+    from trainer.train import TimeLimit  # loads Keras, as everything from here on
+
+    time_limit = TimeLimit(t.max_hours, started, ctx.workers[0])  # train.max_hours: exit 5
+    trained = train_phases(
+        ctx, model=model, images=images, schedule=schedule, time_limit=time_limit
+    )
     result = evaluate_model(ctx, model=model, test_features=trained.test_features)
     metrics = report(
         ctx,
@@ -94,8 +99,10 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
         fast_path=trained.fast_path,
         hparams=hparams_of(cfg),
     )
+    metrics["stopped_at_time_limit"] = time_limit.reached
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     write_metrics(ctx, metrics=metrics, config_yaml=config_yaml, started=started)
+    time_limit.check(f"{ctx.output.uri}/{rundir.METRICS}")
     check_min_accuracy(ctx, metrics=metrics, min_accuracy=t.min_accuracy)
     export(ctx, model=model, metrics=metrics, config_yaml=config_yaml, started=started)
     publish(ctx)

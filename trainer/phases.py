@@ -107,9 +107,12 @@ def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
     return Images(train, image_dataset(ctx.test, ctx.image_size, ctx.batch), steps)
 
 
-def train_phases(ctx: RunContext, *, model, images: Images, schedule: Schedule) -> Trained:
+def train_phases(
+    ctx: RunContext, *, model, images: Images, schedule: Schedule, time_limit
+) -> Trained:
     """Phase 1 (resumed from its saved end, on cached features, or on images), then the
-    optional fine-tuning; returns what the evaluation may reuse."""
+    optional fine-tuning (skipped once `time_limit`, train.max_hours, is reached); returns
+    what the evaluation may reuse."""
     import keras
 
     from trainer.train import fit
@@ -120,7 +123,7 @@ def train_phases(ctx: RunContext, *, model, images: Images, schedule: Schedule) 
         fit,
         total_epochs=schedule.total_epochs,
         log_dir=ctx.run_dir.tensorboard,
-        extra_callbacks=[sync],
+        extra_callbacks=[sync, time_limit],
         backup_every_steps=schedule.backup_every_steps,
         jit_compile=ctx.jit_compile,
     )
@@ -138,7 +141,7 @@ def train_phases(ctx: RunContext, *, model, images: Images, schedule: Schedule) 
     else:
         _head_on_images(ctx, fit_images=fit_images, schedule=schedule)
         trained = Trained(fast_path=False, test_features=None)
-    if not schedule.finetune_epochs:
+    if not schedule.finetune_epochs or time_limit.reached:
         return trained
     _finetune(ctx, model=model, fit_images=fit_images, schedule=schedule)
     # The backbone changed: cached features no longer match, the evaluation runs on images.

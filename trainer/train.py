@@ -1,4 +1,4 @@
-"""Compile, fit, callbacks (per-epoch log, backups, SIGTERM), evaluation."""
+"""Compile, fit, callbacks (per-epoch log, backups, SIGTERM, time limit), evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 
 import keras
 import numpy as np
+
+from trainer import TimeLimitReached
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,56 @@ class StopOnSigterm(keras.callbacks.Callback):
                 if writer is not None:
                     writer.flush()
             raise Preempted(f"SIGTERM received; backup written to {self.backup.backup_dir}")
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """`train.max_hours`: once the limit has passed (counted from `started`, a
+    time.perf_counter() taken at run start), stop training after the current step (one worker) or
+    epoch (several); `reached` tells the job to evaluate, write metrics and skip the export. One
+    instance serves every training phase."""
+
+    def __init__(self, max_hours: float | None, started: float, workers: int = 1):
+        super().__init__()
+        self.max_hours = max_hours
+        self.deadline = None if max_hours is None else started + max_hours * 3600
+        self.workers = workers
+        self.reached = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.workers == 1 and self._passed():
+            self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Each worker's clock passes the limit at its own step, and a worker that stopped alone
+        # would leave the others waiting in a collective: with several workers they agree (one
+        # all-reduce an epoch) and all stop after the same epoch.
+        if self.workers > 1 and self.deadline is not None and self._agreed():
+            self._stop()
+
+    def _passed(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def _agreed(self) -> bool:
+        import tensorflow as tf
+
+        strategy = self.model.distribute_strategy
+        passed = tf.constant(1.0 if self._passed() else 0.0)
+        values = strategy.experimental_distribute_values_from_function(lambda _: passed)
+        return float(strategy.reduce("SUM", values, axis=None)) > 0  # any worker
+
+    def _stop(self) -> None:
+        if not self.reached:
+            log.info("train.max_hours=%g reached: training stops here", self.max_hours)
+        self.reached = True
+        self.model.stop_training = True
+
+    def check(self, metrics_uri: str) -> None:
+        """Raise TimeLimitReached (exit 5) if the limit stopped training."""
+        if self.reached:
+            raise TimeLimitReached(
+                f"train.max_hours={self.max_hours} reached: training stopped early, metrics "
+                f"written to {metrics_uri} (stopped_at_time_limit: true), model not exported"
+            )
 
 
 def fit(

@@ -89,8 +89,14 @@ def _train_and_export(
     from trainer.data import image_dataset, worker_share, worker_steps
     from trainer.distribute import choose_jit_compile, worker_shard
     from trainer.export import export_saved_model, write_run_files
-    from trainer.features import extract_features, feature_dataset, predict_files
-    from trainer.model import build_model, feature_extractor, finetune_start, unfreeze_from
+    from trainer.features import extract_features, feature_dataset, predict_files, sample_features
+    from trainer.model import (
+        build_model,
+        feature_extractor,
+        finetune_start,
+        set_feature_statistics,  # issue 10
+        unfreeze_from,
+    )
     from trainer.train import evaluate, fit, predict_in_batches
 
     d, m, t = cfg.data, cfg.model, cfg.train
@@ -160,6 +166,8 @@ def _train_and_export(
             for name, split in (("train", train), ("test", test))
         }
         timings["backbone_pass_s"] = time.perf_counter() - phase_started
+        # issue 10: the head standardizes features with the training set's statistics.
+        set_feature_statistics(model, features["train"])
         phase_started = time.perf_counter()
         head = model.get_layer("head")
         train_phase(
@@ -178,6 +186,18 @@ def _train_and_export(
         timings["head_s"] = time.perf_counter() - phase_started
     else:
         log.info("full forward each step (data.augment=true)")
+        # issue 10: standardization statistics from one un-augmented pass over a sample.
+        sample = sample_features(
+            model,
+            train,
+            d.image_size,
+            batch,
+            seed=cfg.seed,
+            workers=workers,
+            jit_compile=jit_compile,
+        )
+        set_feature_statistics(model, sample)
+        log.info("feature statistics from %d un-augmented training images", len(sample))
         train_phase(
             model,
             train_images,

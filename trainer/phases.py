@@ -139,7 +139,7 @@ def train_phases(
     elif schedule.cache_features:
         trained = _head_on_features(ctx, model=model, fit_phase=fit_phase, schedule=schedule)
     else:
-        _head_on_images(ctx, fit_images=fit_images, schedule=schedule)
+        _head_on_images(ctx, model=model, fit_images=fit_images, schedule=schedule)
         trained = Trained(fast_path=False, test_features=None)
     if not schedule.finetune_epochs or time_limit.reached:
         return trained
@@ -150,7 +150,7 @@ def train_phases(
 
 def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) -> Trained:
     from trainer.features import extract_features, feature_dataset
-    from trainer.model import feature_extractor
+    from trainer.model import feature_extractor, set_feature_statistics
 
     log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
     started = time.perf_counter()
@@ -171,6 +171,8 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
         for name, split in (("train", ctx.train), ("test", ctx.test))
     }
     ctx.timings["backbone_pass_s"] = time.perf_counter() - started
+    # The head standardizes features with the training set's statistics (trainer/model.py).
+    set_feature_statistics(model, features["train"])
     started = time.perf_counter()
     fit_phase(
         model.get_layer("head"),
@@ -194,9 +196,24 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
     return Trained(fast_path=True, test_features=features["test"])
 
 
-def _head_on_images(ctx: RunContext, *, fit_images, schedule: Schedule) -> None:
+def _head_on_images(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None:
+    from trainer.features import sample_features
+    from trainer.model import set_feature_statistics
+
     log.info("full forward each step (data.augment=true)")
     started = time.perf_counter()
+    # The head's standardization statistics, from one un-augmented pass over a sample.
+    sample = sample_features(
+        model,
+        ctx.train,
+        ctx.image_size,
+        ctx.batch,
+        seed=ctx.seed,
+        workers=ctx.workers,
+        jit_compile=ctx.jit_compile,
+    )
+    set_feature_statistics(model, sample)
+    log.info("feature statistics from %d un-augmented training images", len(sample))
     fit_images(
         learning_rate=schedule.learning_rate,
         epochs=schedule.epochs,

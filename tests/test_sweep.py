@@ -1,0 +1,118 @@
+"""Local sweeps (`python -m trainer -m ...`): every point runs, a failing point is reported in one
+line, the process exits with the first failing point's code, and sweep.csv sums the sweep up.
+Real Hydra multiruns in a subprocess: the BasicSweeper, and Optuna's sweeper."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import SMALL, make_folders, run_trainer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    return make_folders(tmp_path_factory.mktemp("sweep-data"), train=6, test=3)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _experiment(root: Path):
+    """The experiment-level HParams config written in `root` itself (TensorBoard's run '.')."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    mux = EventMultiplexer(size_guidance={"tensors": 0})
+    mux.AddRun(str(root), name=".")
+    mux.Reload()
+    content = mux.PluginRunToTagToContent("hparams").get(".", {})
+    assert metadata.EXPERIMENT_TAG in content, "no HParams experiment at the sweep root"
+    return metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+
+
+def test_a_failing_point_is_reported_and_the_sweep_goes_on_then_exits_with_its_code(
+    folders, tmp_path
+):
+    train_dir, test_dir = folders
+    out, sweep_dir = tmp_path / "out", tmp_path / "sweep"
+    result = run_trainer(
+        "-m",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "model.dropout=1.5,0.2",
+        "train.epochs=1",
+        *SMALL,
+        f"output.dir={out}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    reported = [line for line in result.stderr.splitlines() if line.startswith("sweep point")]
+    assert reported == [
+        "sweep point 0 [model.dropout=1.5] exit 2: "
+        "trainer: error: model.dropout=1.5: must be in [0, 1)"
+    ]
+    # output.dir is the sweep's root: point N writes to output.dir/N.
+    assert (out / "1" / "_SUCCESS").exists() and not (out / "0" / "_SUCCESS").exists()
+    metrics = json.loads((out / "1" / "metrics.json").read_text())
+
+    rows = _rows(sweep_dir / "sweep.csv")
+    assert (out / "sweep.csv").read_text() == (sweep_dir / "sweep.csv").read_text()
+    assert [(r["point"], r["status"], r["exit_code"]) for r in rows] == [
+        ("1", "ok", "0"),  # best first; failed points last
+        ("0", "failed", "2"),
+    ]
+    assert rows[0]["overrides"] == "model.dropout=0.2"
+    assert float(rows[0]["test_accuracy"]) == metrics["test_accuracy"]
+    assert float(rows[0]["test_loss"]) == metrics["test_loss"]
+    assert rows[0]["output_dir"] == str(out / "1") and float(rows[0]["wall_seconds"]) > 0
+    table = result.stdout[result.stdout.index("point  status") :].splitlines()
+    assert table[1].split()[:3] == ["1", "ok", "0"] and table[2].split()[:3] == ["0", "failed", "2"]
+
+    experiment = _experiment(sweep_dir)
+    dropout = {h.name: h for h in experiment.hparam_infos}["dropout"]
+    assert sorted(v.number_value for v in dropout.domain_discrete.values) == [0.2, 1.5]
+    assert dropout.differs
+    assert {m.name.tag for m in experiment.metric_infos} == {"test_accuracy", "test_loss"}
+    assert _experiment(out).hparam_infos == experiment.hparam_infos
+
+
+@pytest.mark.slow
+def test_optuna_sweep_survives_a_failing_trial_and_writes_its_results(folders, tmp_path):
+    """3 Optuna trials over model.dropout, one of which (1.5) is out of range."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    train_dir, test_dir = folders
+    sweep_dir = tmp_path / "sweep"
+    result = run_trainer(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra.sweeper.sampler.seed=3",
+        "model.dropout=choice(0.1,0.2,1.5)",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "train.epochs=1",
+        *SMALL,
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+
+    rows = _rows(sweep_dir / "sweep.csv")
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert [r["overrides"] for r in failed] == ["model.dropout=1.5"], result.stderr[-3000:]
+    assert len(rows) == 3 and failed[0]["exit_code"] == "2"
+    assert result.returncode == 2
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    best = max(float(r["test_accuracy"]) for r in rows if r["status"] == "ok")
+    assert results["best_value"] == pytest.approx(best)
+    assert results["best_params"]["model.dropout"] in (0.1, 0.2)

@@ -6,10 +6,13 @@ behaviour is user-visible; the tiny images (32 px) and random-init backbone keep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,107 @@ def trainer_env(**extra: str) -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory):
+    """Every test writes under pytest's temporary paths and ends every process it starts.
+
+    For the session, TMPDIR (and `tempfile`'s default) is a folder inside pytest's basetemp and
+    TRAINER_CACHE_DIR another, so trainers, workers and emulators started by tests write there,
+    never to the system temp dir or the default `/tmp/trainer-cache`. At the end the run fails if
+    the session temp folder is not empty again (a test or a trainer left something in the temp
+    dir), if the real system temp dir gained entries (a hard-coded /tmp path; another program
+    writing there while the suite runs is reported too), or if a child process is still running.
+    """
+    base = tmp_path_factory.getbasetemp()
+    system_tmp = tempfile.gettempdir()
+    before = _entries(system_tmp)
+    session_tmp, cache = base / "session-tmp", base / "trainer-cache"
+    session_tmp.mkdir()
+    saved_env = {key: os.environ.get(key) for key in ("TMPDIR", "TRAINER_CACHE_DIR")}
+    os.environ.update(TMPDIR=str(session_tmp), TRAINER_CACHE_DIR=str(cache))
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = None
+    problems = []
+    running = _running_children(grace_seconds=5)
+    if running:
+        problems.append(f"processes still running: {running}")
+    left = sorted(p.name for p in session_tmp.iterdir())
+    if left:
+        problems.append(f"left in the temp dir ({session_tmp}): {left}")
+    appeared = sorted(
+        name for name in _entries(system_tmp) - before if not name.startswith("pytest-of-")
+    )
+    if appeared:
+        problems.append(f"appeared in the system temp dir {system_tmp}: {appeared}")
+    if problems:
+        pytest.fail("the test session left things behind: " + "; ".join(problems))
+
+
+def _entries(folder: str) -> set[str]:
+    return set(os.listdir(folder))
+
+
+def _running_children(grace_seconds: float) -> list[str]:
+    """This process's descendants that are still alive (not zombies), as 'pid command'."""
+    deadline = time.monotonic() + grace_seconds
+    while True:
+        children = _descendants(os.getpid())
+        if not children or time.monotonic() > deadline:
+            return children
+        time.sleep(0.2)
+
+
+def _descendants(root: int) -> list[str]:
+    parents, commands = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # ended while we looked
+            continue
+        # The command name in stat is in parentheses and may contain spaces: split after it.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            parents[int(entry)] = int(ppid)
+            commands[int(entry)] = command.decode(errors="replace").strip()[:200]
+    found, frontier = [], {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        found += [f"{pid} {commands[pid]}" for pid in sorted(frontier)]
+    return found
+
+
+def stop(process: subprocess.Popen, timeout: float = 10) -> None:
+    """End `process` if it still runs: SIGTERM, then SIGKILL after `timeout` s; reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def stopped_on_exit(*processes: subprocess.Popen):
+    """`with stopped_on_exit(p, q):` every process is ended on every path out of the block."""
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            stop(process)
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):

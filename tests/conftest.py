@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,9 @@ def nothing_left_behind(tmp_path_factory):
     TRAINER_CACHE_DIR another, so trainers, workers and emulators started by tests write there,
     never to the system temp dir or the default `/tmp/trainer-cache`. At the end the run fails if
     the session temp folder is not empty again (a test or a trainer left something in the temp
-    dir), if the real system temp dir gained entries (a hard-coded /tmp path; another program
-    writing there while the suite runs is reported too), or if a child process is still running.
+    dir) or if a child process is still running. Entries that appeared in the real system temp
+    dir (a hard-coded /tmp path) are reported as a warning, not a failure: other programs on the
+    machine write there too while the suite runs, and nothing tells whose an entry is.
     """
     base = tmp_path_factory.getbasetemp()
     system_tmp = tempfile.gettempdir()
@@ -73,7 +75,10 @@ def nothing_left_behind(tmp_path_factory):
         name for name in _entries(system_tmp) - before if not name.startswith("pytest-of-")
     )
     if appeared:
-        problems.append(f"appeared in the system temp dir {system_tmp}: {appeared}")
+        warnings.warn(
+            f"appeared in the system temp dir {system_tmp} during the tests: {appeared}",
+            stacklevel=1,
+        )
     if problems:
         pytest.fail("the test session left things behind: " + "; ".join(problems))
 

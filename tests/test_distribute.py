@@ -115,13 +115,23 @@ def test_a_single_machine_strategy_inside_a_cluster_is_refused(monkeypatch):
         choose_strategy("mirrored", None)
 
 
-def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them():
-    # No GPU here: auto means no XLA (on CPUs it keeps ResNet50 on one core).
-    assert choose_jit_compile("auto") is (
-        False if not tf.config.list_logical_devices("GPU") else "auto"
-    )
-    assert choose_jit_compile("True") is True
-    assert choose_jit_compile("false") is False
+@pytest.mark.parametrize("value, expected", [("auto", False), ("true", True), ("false", False)])
+def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them(value, expected):
+    """The value as Hydra composes it from `train.jit_compile=...`. This machine has no GPU, where
+    README says auto means no XLA on a CPU."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: auto is Keras' choice there")
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["data.train_dir=x", f"train.jit_compile={value}"])
+    assert choose_jit_compile(cfg.train.jit_compile) is expected
+
+
+def test_jit_compile_refuses_other_values_naming_the_key():
     with pytest.raises(TrainerError, match="train.jit_compile=maybe"):
         choose_jit_compile("maybe")
 
@@ -156,21 +166,25 @@ def test_mixed_precision_keeps_the_head_and_the_output_float32():
         keras.mixed_precision.set_dtype_policy("float32")
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
+
+
 def test_auto_precision_on_a_cpu_is_bfloat16_only_where_it_measured_faster():
+    """README: on CPUs, mixed_bfloat16 only with native bf16 instructions (avx512_bf16 or
+    amx_bf16), where it measured 1.45x faster; float32 otherwise."""
     import keras
-    import tensorflow as tf
 
     from trainer import distribute
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is visible")
+    native = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     try:
-        expected = (
-            "mixed_bfloat16"
-            if distribute._cpu_has_native_bf16() and distribute.BF16_CPU_SPEEDUP > 1
-            else "float32"
-        )
-        assert distribute.choose_precision("auto") == expected
+        policy = distribute.choose_precision("auto")
+        assert policy == ("mixed_bfloat16" if native else "float32")
+        assert keras.mixed_precision.dtype_policy().name == policy  # set, not only returned
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 

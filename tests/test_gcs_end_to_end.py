@@ -56,6 +56,18 @@ def gcs_run(emulator, tmp_path_factory):
     return bucket, out, root, result
 
 
+def _download_model(emulator, bucket: str, out: str, local: Path) -> Path:
+    """The published saved_model/ of `out`, copied to `local` with the client (not the trainer)."""
+    prefix = out[len(f"gs://{bucket}/") :]
+    for name in emulator.names(out):
+        if name.startswith("saved_model/"):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            emulator.client().bucket(bucket).blob(f"{prefix}/{name}").download_to_filename(
+                local / name
+            )
+    return local / "saved_model"
+
+
 def test_run_with_everything_on_gcs_publishes_a_servable_model(emulator, gcs_run, tmp_path):
     bucket, out, root, result = gcs_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,15 +81,10 @@ def test_run_with_everything_on_gcs_publishes_a_servable_model(emulator, gcs_run
     success = next(b for b in blobs if b.name.endswith("/_SUCCESS"))
     assert all(b.generation < success.generation for b in blobs if b is not success)
 
-    local = tmp_path / "model"
-    client = emulator.client()
-    for name in names:
-        if name.startswith("saved_model/"):
-            (local / name).parent.mkdir(parents=True, exist_ok=True)
-            client.bucket(bucket).blob(f"runs/first/{name}").download_to_filename(local / name)
     import tensorflow as tf
 
-    serve = tf.saved_model.load(str(local / "saved_model")).signatures["serving_default"]
+    saved_model = _download_model(emulator, bucket, out, tmp_path / "model")
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     jpeg = next((root / "test" / "cat").glob("*.jpg")).read_bytes()
     answer = serve(image_bytes=tf.constant([jpeg, jpeg]))
     assert answer["probabilities"].shape == (2, 2)
@@ -85,19 +92,28 @@ def test_run_with_everything_on_gcs_publishes_a_servable_model(emulator, gcs_run
 
 
 def test_predict_classifies_with_a_model_on_gcs(emulator, gcs_run, tmp_path):
+    """predict on gs:// answers what the published model answers, image by image."""
     bucket, out, root, result = gcs_run
     assert result.returncode == 0, result.stderr[-3000:]
-    image = next((root / "test" / "dog").glob("*.jpg"))
+    images = sorted((root / "test").glob("*/*.jpg"))
     predicted = run_module(
         "trainer.predict",
         f"{out}/saved_model",
-        str(image),
+        *map(str, images),
         cwd=tmp_path,
         emulator_url=emulator.url,
     )
     assert predicted.returncode == 0, predicted.stderr[-2000:]
-    path, name, probability = predicted.stdout.strip().split("\t")
-    assert path == str(image) and name in CLASSES and 0.0 <= float(probability) <= 1.0
+    lines = [line.split("\t") for line in predicted.stdout.splitlines()]
+    assert [path for path, _, _ in lines] == list(map(str, images))
+
+    import tensorflow as tf
+
+    saved_model = _download_model(emulator, bucket, out, tmp_path / "model")
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    probabilities = serve(image_bytes=tf.constant([p.read_bytes() for p in images]))
+    for (_, name, p), row in zip(lines, probabilities["probabilities"].numpy(), strict=True):
+        assert name == CLASSES[row.argmax()] and float(p) == pytest.approx(row.max(), abs=1e-4)
 
 
 def test_a_second_run_into_a_published_output_dir_exits_2_and_changes_nothing(

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -138,6 +139,52 @@ def stopped_on_exit(*processes: subprocess.Popen):
     finally:
         for process in processes:
             stop(process)
+
+
+class Lines:
+    """A process's stdout read line by line in a thread, so waiting for a line has a deadline
+    (a bare readline() blocks forever on a trainer that hangs)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.lines = process, []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append(None)  # end of output
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Return once a line contains `text`; fail the test if output ends or time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(line and text in line for line in self.lines):
+                if self.lines and self.lines[-1] is None:
+                    pytest.fail(f"output ended without {text!r}:\n{self.text()[-3000:]}")
+                if not self._changed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    pytest.fail(f"no {text!r} after {timeout} s:\n{self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return "".join(line for line in list(self.lines) if line)
+
+
+def start_trainer(*overrides: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python -m trainer overrides...` started in the background, stdout piped as text, stderr
+    to `cwd`/stderr.txt; end it with `stop()` (or `stopped_on_exit`)."""
+    with open(cwd / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer", *overrides],
+            cwd=cwd,
+            env=env or trainer_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):

@@ -3,6 +3,9 @@ emulator on loopback, the way a user on GKE runs them."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -167,3 +170,80 @@ def test_missing_bucket_or_prefix_exits_2_naming_the_uri(
     assert result.returncode == 2, result.stderr[-2000:]
     line = last_error_line(result)
     assert line.startswith(f"trainer: error: {key}={uri}: ") and says in line
+
+
+def test_preempted_run_on_gcs_resumes_on_a_fresh_pod_and_publishes(emulator, gcs_run, tmp_path):
+    """SIGTERM: the backup reaches gs://; the retry, with an empty cache (a new pod), fetches
+    it, resumes at its epoch and publishes; the backup is then gone from the bucket."""
+    bucket, _, root, _ = gcs_run
+    out, epochs = f"gs://{bucket}/runs/preempted", 150  # the head's epochs take milliseconds
+    args = [
+        f"data.train_dir=gs://{bucket}/hotdog/train",
+        f"data.test_dir=gs://{bucket}/hotdog/test",
+        "model.weights=null",
+        f"output.dir={out}",
+        f"train.epochs={epochs}",
+        *SMALL[:2],
+    ]
+    env = trainer_env(STORAGE_EMULATOR_HOST=emulator.url)
+    first = tmp_path / "pod1"
+    first.mkdir()
+    process = conftest.start_trainer(*args, f"storage.cache_dir={first}/cache", cwd=first, env=env)
+    with conftest.stopped_on_exit(process):
+        conftest.Lines(process).wait_for(f"epoch 2/{epochs}", timeout=300)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode == 143, (first / "stderr.txt").read_text()[-2000:]
+    names = emulator.names(out)
+    assert "backup/head/training_metadata.json" in names and "_SUCCESS" not in names
+    metadata = json.loads(
+        emulator.client()
+        .bucket(bucket)
+        .blob("runs/preempted/backup/head/training_metadata.json")
+        .download_as_bytes()
+    )
+
+    second = run_module(
+        "trainer",
+        *args,
+        f"storage.cache_dir={tmp_path}/pod2",
+        cwd=tmp_path,
+        emulator_url=emulator.url,
+    )
+
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"at epoch {metadata['epoch'] + 1}" in second.stdout
+    assert "epoch 1/" not in second.stdout and f"epoch {epochs}/{epochs}" in second.stdout
+    names = emulator.names(out)
+    assert "_SUCCESS" in names and not [n for n in names if n.startswith("backup/")]
+
+
+def test_below_min_accuracy_on_gcs_uploads_metrics_and_events_and_stages_in_trainer_cache_dir(
+    emulator, gcs_run, tmp_path
+):
+    """Exit 3 still uploads metrics and TensorBoard events, never a model or _SUCCESS; without
+    storage.cache_dir the inputs are staged under $TRAINER_CACHE_DIR."""
+    bucket, _, root, _ = gcs_run
+    same = tmp_path / "same"  # one picture set in both classes: accuracy stays near chance
+    make_dataset(str(same), CLASSES[:1], 4, min_size=40, max_size=56, seed=5)
+    shutil.copytree(same / CLASSES[0], same / CLASSES[1])
+    (same / "README.txt").write_text("not an image")
+    emulator.upload_dir(same, f"gs://{bucket}/same")
+    out, cache = f"gs://{bucket}/runs/below", tmp_path / "env-cache"
+    result = conftest.run_module(
+        "trainer",
+        f"data.train_dir=gs://{bucket}/same",
+        f"data.test_dir=gs://{bucket}/same",
+        "model.weights=null",
+        f"output.dir={out}",
+        "train.min_accuracy=0.9",
+        *SMALL,
+        cwd=tmp_path,
+        env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url, TRAINER_CACHE_DIR=str(cache)),
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    names = emulator.names(out)
+    assert "metrics.json" in names and any(".tfevents." in n for n in names)
+    assert "_SUCCESS" not in names and not any(n.startswith("saved_model") for n in names)
+    staged = cache / "inputs" / bucket / "same"
+    assert sorted(p.name for p in staged.iterdir()) == CLASSES  # README.txt not fetched

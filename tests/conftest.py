@@ -48,6 +48,7 @@ def nothing_left_behind(tmp_path_factory):
     dir (a hard-coded /tmp path) are reported as a warning, not a failure: other programs on the
     machine write there too while the suite runs, and nothing tells whose an entry is.
     """
+    _adopt_orphans()
     base = tmp_path_factory.getbasetemp()
     system_tmp = tempfile.gettempdir()
     before = _entries(system_tmp)
@@ -82,6 +83,17 @@ def nothing_left_behind(tmp_path_factory):
         )
     if problems:
         pytest.fail("the test session left things behind: " + "; ".join(problems))
+
+
+def _adopt_orphans() -> None:
+    """Make this process the Linux 'child subreaper' of everything it starts: a grandchild whose
+    parent exits (a trainer started by a script) then becomes our child, not init's, so the
+    end-of-session check still sees it."""
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
 
 
 def _entries(folder: str) -> set[str]:

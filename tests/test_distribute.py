@@ -389,7 +389,9 @@ def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(fol
     workers = []
     for index in range(2):
         with open(logs[index], "w") as log:
-            env = {"TF_CONFIG": _tf_config(ports, index)}
+            # Its own TMPDIR: a worker killed with SIGKILL cannot remove its private folder.
+            (tmp_path / f"tmp{index}").mkdir()
+            env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path / f"tmp{index}")}
             workers.append(
                 _trainer(
                     folders,
@@ -444,7 +446,8 @@ def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders
     workers = []
     with stopped_on_exit_all(workers):
         for index in range(2):
-            env = {"TF_CONFIG": _tf_config(ports, index)}
+            (tmp_path / f"tmp{index}").mkdir()  # worker 1 ends killed: its private folder stays
+            env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path / f"tmp{index}")}
             if index == 1:
                 env["PYTHONPATH"] = os.pathsep.join([str(hang), str(REPO)])
             with open(logs[index], "w") as log:

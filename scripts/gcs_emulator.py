@@ -112,14 +112,17 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of the emulator that can answer with errors.
 
     `fail(status, times, methods)` makes the next `times` requests with those methods (-1: all
-    of them) get `status` instead of reaching the emulator; `log` records (method, status);
-    `delay` seconds are added to every request, like a round trip to a remote GCS."""
+    of them) get `status` instead of reaching the emulator; `log` records (method, status) and
+    `paths` (method, path); `corrupt_downloads()` flips a byte of every object download from then
+    on; `delay` seconds are added to every request, like a round trip to a remote GCS."""
 
     def __init__(self, upstream_port: int, delay: float = 0.0):
         self.upstream_port = upstream_port
         self.upstream_url = f"http://127.0.0.1:{upstream_port}"
         self.delay = delay
         self.log: list[tuple[str, int]] = []
+        self.paths: list[tuple[str, str]] = []
+        self.corrupt = False
         self._fail_status, self._fail_left, self._fail_methods = 0, 0, ()
         self._lock = threading.Lock()
         proxy = self
@@ -151,12 +154,15 @@ class FaultProxy:
                         for k, v in response.getheaders()
                         if k.lower() not in drop
                     ]
+                    if proxy.corrupt and status == 200 and "alt=media" in self.path and payload:
+                        payload = payload[:-1] + bytes([payload[-1] ^ 0xFF])
                     if response.getheader("Content-Type", "").startswith("application/json"):
                         # mediaLink and selfLink name the emulator: keep the client on the proxy
                         payload = payload.replace(proxy.upstream_url.encode(), proxy.url.encode())
                     upstream.close()
                 with proxy._lock:
                     proxy.log.append((self.command, status))
+                    proxy.paths.append((self.command, self.path))
                 self.send_response(status)
                 for k, v in headers:
                     self.send_header(k, v)
@@ -174,6 +180,9 @@ class FaultProxy:
     def fail(self, status: int, times: int = -1, methods=("GET", "POST", "PUT", "DELETE")) -> None:
         with self._lock:
             self._fail_status, self._fail_left, self._fail_methods = status, times, methods
+
+    def corrupt_downloads(self) -> None:
+        self.corrupt = True
 
     def heal(self) -> None:
         self.fail(0, 0)

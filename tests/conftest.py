@@ -6,10 +6,15 @@ behaviour is user-visible; the tiny images (32 px) and random-init backbone keep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from trainer.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
+AUTOGRAPH_TEMP_FILES = "__autograph_generated_file"
 SMALL = ["data.image_size=32", "data.batch_size=16", "model.weights=null"]
 
 
@@ -29,6 +35,173 @@ def trainer_env(**extra: str) -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory):
+    """Every test writes under pytest's temporary paths and ends every process it starts.
+
+    For the session, TMPDIR (and `tempfile`'s default) is a folder inside pytest's basetemp and
+    TRAINER_CACHE_DIR another, so trainers, workers and emulators started by tests write there,
+    never to the system temp dir or the default `/tmp/trainer-cache`. At the end the run fails if
+    the session temp folder is not empty again (a test or a trainer left something in the temp
+    dir) or if a child process is still running. Entries that appeared in the real system temp
+    dir (a hard-coded /tmp path) are reported as a warning, not a failure: other programs on the
+    machine write there too while the suite runs, and nothing tells whose an entry is.
+    """
+    _adopt_orphans()
+    base = tmp_path_factory.getbasetemp()
+    system_tmp = tempfile.gettempdir()
+    before = _entries(system_tmp)
+    session_tmp, cache = base / "session-tmp", base / "trainer-cache"
+    session_tmp.mkdir()
+    saved_env = {key: os.environ.get(key) for key in ("TMPDIR", "TRAINER_CACHE_DIR")}
+    os.environ.update(TMPDIR=str(session_tmp), TRAINER_CACHE_DIR=str(cache))
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = None
+    problems = []
+    running = _running_children(grace_seconds=5)
+    if running:
+        problems.append(f"processes still running: {running}")
+    # TensorFlow's autograph writes generated modules to the temp dir and removes them at exit
+    # (atexit), so the ones of this very process are still there now.
+    left = sorted(
+        p.name for p in session_tmp.iterdir() if not p.name.startswith(AUTOGRAPH_TEMP_FILES)
+    )
+    if left:
+        problems.append(f"left in the temp dir ({session_tmp}): {left}")
+    appeared = sorted(
+        name for name in _entries(system_tmp) - before if not name.startswith("pytest-of-")
+    )
+    if appeared:
+        warnings.warn(
+            f"appeared in the system temp dir {system_tmp} during the tests: {appeared}",
+            stacklevel=1,
+        )
+    if problems:
+        pytest.fail("the test session left things behind: " + "; ".join(problems))
+
+
+def _adopt_orphans() -> None:
+    """Make this process the Linux 'child subreaper' of everything it starts: a grandchild whose
+    parent exits (a trainer started by a script) then becomes our child, not init's, so the
+    end-of-session check still sees it."""
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
+def _entries(folder: str) -> set[str]:
+    return set(os.listdir(folder))
+
+
+def _running_children(grace_seconds: float) -> list[str]:
+    """This process's descendants that are still alive (not zombies), as 'pid command'."""
+    deadline = time.monotonic() + grace_seconds
+    while True:
+        children = _descendants(os.getpid())
+        if not children or time.monotonic() > deadline:
+            return children
+        time.sleep(0.2)
+
+
+def _descendants(root: int) -> list[str]:
+    parents, commands = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # ended while we looked
+            continue
+        # The command name in stat is in parentheses and may contain spaces: split after it.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            parents[int(entry)] = int(ppid)
+            commands[int(entry)] = command.decode(errors="replace").strip()[:200]
+    found, frontier = [], {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        found += [f"{pid} {commands[pid]}" for pid in sorted(frontier)]
+    return found
+
+
+def stop(process: subprocess.Popen, timeout: float = 10) -> None:
+    """End `process` if it still runs: SIGTERM, then SIGKILL after `timeout` s; reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def stopped_on_exit(*processes: subprocess.Popen):
+    """`with stopped_on_exit(p, q):` every process is ended on every path out of the block."""
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            stop(process)
+
+
+class Lines:
+    """A process's stdout read line by line in a thread, so waiting for a line has a deadline
+    (a bare readline() blocks forever on a trainer that hangs)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.lines = process, []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append(None)  # end of output
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Return once a line contains `text`; fail the test if output ends or time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(line and text in line for line in self.lines):
+                if self.lines and self.lines[-1] is None:
+                    pytest.fail(f"output ended without {text!r}:\n{self.text()[-3000:]}")
+                if not self._changed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    pytest.fail(f"no {text!r} after {timeout} s:\n{self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return "".join(line for line in list(self.lines) if line)
+
+
+def start_trainer(*overrides: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python -m trainer overrides...` started in the background, stdout piped as text, stderr
+    to `cwd`/stderr.txt; end it with `stop()` (or `stopped_on_exit`)."""
+    with open(cwd / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer", *overrides],
+            cwd=cwd,
+            env=env or trainer_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):

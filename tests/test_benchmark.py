@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -49,7 +50,9 @@ CONTEXT = {
 
 def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     figures_path, chart_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    done = subprocess.run(
+    # Its own session: on a timeout the benchmark and the trainers it started are killed as one
+    # process group (killing only the script would leave its children running).
+    bench = subprocess.Popen(
         [
             sys.executable,
             os.path.join(REPO, "scripts", "benchmark.py"),
@@ -59,13 +62,21 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
             "--epochs=1",
             f"--json={figures_path}",
             f"--png={chart_path}",
+            f"--work-dir={tmp_path / 'work'}",
         ],
         cwd=tmp_path,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        stdout, stderr = bench.communicate(timeout=900)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.communicate()
+    assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
     figures = json.loads(figures_path.read_text())
     assert set(figures) == REQUIRED | CONTEXT
@@ -81,4 +92,4 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     assert "backbone pass: train set" in figures["trainer_phases_s"]
 
     assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| trainer (`python -m trainer`) |" in done.stdout  # the markdown table
+    assert "| trainer (`python -m trainer`) |" in stdout  # the markdown table

@@ -7,6 +7,7 @@ multi-worker runtime must be set up before TensorFlow starts, once per process.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import stop
 from trainer import TrainerError
 from trainer.cluster import cluster_workers, indexed_job_tf_config, resolve_tf_config
 from trainer.distribute import choose_jit_compile
@@ -111,13 +113,22 @@ def test_a_single_machine_strategy_inside_a_cluster_is_refused(monkeypatch):
         choose_strategy("mirrored", None)
 
 
-def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them():
-    # No GPU here: auto means no XLA (on CPUs it keeps ResNet50 on one core).
-    assert choose_jit_compile("auto") is (
-        False if not tf.config.list_logical_devices("GPU") else "auto"
-    )
-    assert choose_jit_compile("True") is True
-    assert choose_jit_compile("false") is False
+@pytest.mark.parametrize("value, expected", [("auto", False), ("true", True), ("false", False)])
+def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them(value, expected):
+    """The value as Hydra composes it from `train.jit_compile=...`. This machine has no GPU, where
+    README says auto means no XLA on a CPU."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import enum_overrides, register_configs
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: auto is Keras' choice there")
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=enum_overrides(["data.train_dir=x", f"train.jit_compile={value}"])
+        )
+    assert choose_jit_compile(cfg.train.jit_compile) is expected
 
 
 def test_jit_compile_is_turned_off_across_simulated_cpu_devices():
@@ -150,21 +161,25 @@ def test_mixed_precision_keeps_the_head_and_the_output_float32():
         keras.mixed_precision.set_dtype_policy("float32")
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
+
+
 def test_auto_precision_on_a_cpu_is_bfloat16_only_where_it_measured_faster():
+    """README: on CPUs, mixed_bfloat16 only with native bf16 instructions (avx512_bf16 or
+    amx_bf16), where it measured 1.45x faster; float32 otherwise."""
     import keras
-    import tensorflow as tf
 
     from trainer import distribute
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is visible")
+    native = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     try:
-        expected = (
-            "mixed_bfloat16"
-            if distribute._cpu_has_native_bf16() and distribute.BF16_CPU_SPEEDUP > 1
-            else "float32"
-        )
-        assert distribute.choose_precision("auto") == expected
+        policy = distribute.choose_precision("auto")
+        assert policy == ("mixed_bfloat16" if native else "float32")
+        assert keras.mixed_precision.dtype_policy().name == policy  # set, not only returned
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
@@ -183,7 +198,7 @@ def folders(tmp_path_factory) -> dict[str, str]:
     return {"train": str(root / "train"), "test": str(root / "test")}
 
 
-def _trainer(folders, out_dir, *overrides, env=None, log=None) -> subprocess.Popen:
+def _trainer(folders, out_dir, *overrides, env=None, log=None, umask=-1) -> subprocess.Popen:
     """Start `python -m trainer` on this checkout (cwd: its conf/ and package)."""
     args = [
         sys.executable,
@@ -205,6 +220,7 @@ def _trainer(folders, out_dir, *overrides, env=None, log=None) -> subprocess.Pop
         stdout=log or subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        umask=umask,
     )
 
 
@@ -238,6 +254,16 @@ def _free_ports(count: int) -> list[int]:
 def _tf_config(ports: list[int], index: int) -> str:
     workers = [f"127.0.0.1:{port}" for port in ports]
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+@contextlib.contextmanager
+def stopped_on_exit_all(processes: list[subprocess.Popen]):
+    """Every process in `processes` (filled inside the block) is ended on every path out."""
+    try:
+        yield
+    finally:
+        for process in processes:
+            stop(process)
 
 
 def _serve(saved_model: str, images: list[str]) -> np.ndarray:
@@ -292,16 +318,24 @@ def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
     ports = _free_ports(2)
     scratch = [tmp_path / f"tmp{i}" for i in range(2)]  # each worker's TMPDIR
     workers = []
-    for index in range(2):
-        scratch[index].mkdir()
-        env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch[index])}
-        workers.append(_trainer(folders, out_dir, "data.batch_size=8", env=env))
-    logs = [_finish(worker) for worker in workers]
+    with stopped_on_exit_all(workers):
+        for index in range(2):
+            scratch[index].mkdir()
+            env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch[index])}
+            # Worker 1 creates files 0640 and folders 0750 (group-readable, not world-readable),
+            # the chief 0644 and 0755: whatever worker 1 wrote into output.dir shows.
+            umask = 0o022 if index == 0 else 0o027
+            workers.append(_trainer(folders, out_dir, "data.batch_size=8", env=env, umask=umask))
+        logs = [_finish(worker) for worker in workers]
 
     assert "strategy: multi_worker, 2 replicas (2 workers; this is worker 0)" in logs[0]
     exports = [p for p in glob.glob(f"{tmp_path}/**/saved_model", recursive=True)]
     assert exports == [f"{out_dir}/saved_model"]
     assert (out_dir / "_SUCCESS").exists()
+    by_worker_1 = [
+        str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.stat().st_mode & 0o044 == 0o040
+    ]
+    assert not by_worker_1, f"a non-chief worker wrote into output.dir: {by_worker_1[:10]}"
     assert not list(scratch[1].glob("trainer-worker-*")), "worker 1 left its private directory"
     _assert_same_model(str(out_dir), one_device_run, folders)
 
@@ -310,18 +344,20 @@ def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
 def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_path):
     out_dir = tmp_path / "multi-worker-finetune"
     ports = _free_ports(2)
-    workers = [
-        _trainer(
-            folders,
-            out_dir,
-            "data.batch_size=8",
-            "train.epochs=1",
-            "train.finetune_epochs=1",
-            env={"TF_CONFIG": _tf_config(ports, index)},
-        )
-        for index in range(2)
-    ]
-    logs = [_finish(worker, timeout=400) for worker in workers]
+    workers = []
+    with stopped_on_exit_all(workers):
+        for index in range(2):
+            workers.append(
+                _trainer(
+                    folders,
+                    out_dir,
+                    "data.batch_size=8",
+                    "train.epochs=1",
+                    "train.finetune_epochs=1",
+                    env={"TF_CONFIG": _tf_config(ports, index)},
+                )
+            )
+        logs = [_finish(worker, timeout=400) for worker in workers]
     # 34 files, 2 workers, global batch 16: 16 files each per epoch, 2 steps of 8 per worker.
     assert all("training images sharded by file: 16 a worker an epoch, 2 steps" in x for x in logs)
     assert glob.glob(f"{tmp_path}/**/saved_model", recursive=True) == [f"{out_dir}/saved_model"]
@@ -346,7 +382,9 @@ def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(fol
     workers = []
     for index in range(2):
         with open(logs[index], "w") as log:
-            env = {"TF_CONFIG": _tf_config(ports, index)}
+            # Its own TMPDIR: a worker killed with SIGKILL cannot remove its private folder.
+            (tmp_path / f"tmp{index}").mkdir()
+            env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path / f"tmp{index}")}
             workers.append(
                 _trainer(
                     folders,
@@ -386,3 +424,47 @@ def test_a_worker_that_never_joins_makes_the_other_exit_non_zero(folders, tmp_pa
     assert lonely.returncode == 1, output[-3000:]
     assert "joining the cluster" in output
     assert time.monotonic() - started < 120
+
+
+def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders, tmp_path):
+    """Worker 1 stays alive (its heartbeats go on) but its Python stops in the training loop, as
+    in a deadlock: worker 0's next collective gives up after distribute.timeout_seconds."""
+    hang = tmp_path / "hang"  # a sitecustomize for worker 1 only: SIGUSR1 makes it hang
+    hang.mkdir()
+    (hang / "sitecustomize.py").write_text(
+        "import signal, time\nsignal.signal(signal.SIGUSR1, lambda *_: time.sleep(10**6))\n"
+    )
+    ports, timeout, epochs = _free_ports(2), 10, 300
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = []
+    with stopped_on_exit_all(workers):
+        for index in range(2):
+            (tmp_path / f"tmp{index}").mkdir()  # worker 1 ends killed: its private folder stays
+            env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path / f"tmp{index}")}
+            if index == 1:
+                env["PYTHONPATH"] = os.pathsep.join([str(hang), str(REPO)])
+            with open(logs[index], "w") as log:
+                workers.append(
+                    _trainer(
+                        folders,
+                        tmp_path / "out",
+                        "data.batch_size=8",
+                        f"train.epochs={epochs}",
+                        f"distribute.timeout_seconds={timeout}",
+                        env=env,
+                        log=log,
+                    )
+                )
+        _wait_for(logs[1], f"epoch 2/{epochs}", workers[1], timeout=240)
+        workers[1].send_signal(signal.SIGUSR1)
+        hung = time.monotonic()
+        try:
+            workers[0].wait(timeout=timeout + 90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker 0 still waits {timeout + 90} s after worker 1 hung")
+        waited = time.monotonic() - hung
+        assert workers[1].poll() is None, "worker 1 was meant to hang alive, not to exit"
+    assert workers[0].returncode not in (0, None), logs[0].read_text()[-3000:]
+    assert f"epoch {epochs}/{epochs}" not in logs[0].read_text()
+    assert waited >= timeout - 1
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -103,6 +103,57 @@ def test_replacing_a_directory_leaves_no_partial_state(tmp_path):
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["new.txt"]
 
 
-def test_metrics_are_plain_json(trained_run):
-    text = (trained_run.out / "metrics.json").read_text()
-    assert json.loads(text)["confusion_matrix"] == trained_run.metrics["confusion_matrix"]
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not plain JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_are_plain_json_and_agree_with_the_exported_model(trained_run, signatures):
+    """metrics.json parses as strict JSON (no NaN, no numpy types); its confusion matrix (rows:
+    true class, columns: predicted) and accuracy are what the exported model gives on the test
+    images."""
+    metrics = _strict_json((trained_run.out / "metrics.json").read_text())
+    files, labels = _test_images(trained_run)
+    out = signatures["serving_default"](image_bytes=tf.constant([f.read_bytes() for f in files]))
+    predicted = out["class_id"].numpy()
+    expected = np.zeros((2, 2), dtype=int)
+    np.add.at(expected, (labels, predicted), 1)
+
+    assert metrics["classes"] == CLASSES and metrics["num_test"] == len(files)
+    assert metrics["confusion_matrix"] == expected.tolist()
+    assert all(isinstance(v, int) for row in metrics["confusion_matrix"] for v in row)
+    assert metrics["test_accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-9)
+    assert isinstance(metrics["test_loss"], float) and np.isfinite(metrics["test_loss"])
+
+
+def test_serving_pixels_gives_class_id_and_name_of_the_highest_probability(trained_run, signatures):
+    files, _ = _test_images(trained_run)
+    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 32) for f in files])
+    out = signatures["serving_pixels"](pixels=pixels)
+    probabilities = out["probabilities"].numpy()
+
+    assert out["class_id"].dtype == tf.int64 and out["class_name"].dtype == tf.string
+    assert out["class_id"].numpy().tolist() == probabilities.argmax(axis=1).tolist()
+    names = [n.decode() for n in out["class_name"].numpy()]
+    assert names == [CLASSES[i] for i in probabilities.argmax(axis=1)]
+    assert {"cat", "dog"} == set(names)  # both classes occur: a constant answer fails
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF"])
+def test_serving_default_takes_bmp_and_gif_bytes(trained_run, signatures, tmp_path, fmt):
+    """README promises JPEG, PNG, BMP and GIF bytes; each gives the JPEG's class."""
+    from PIL import Image
+
+    files = [sorted(trained_run.test_dir.glob(f"{c}/*.jpg"))[0] for c in CLASSES]
+    converted = []
+    for f in files:
+        path = tmp_path / f"{f.stem}.{fmt.lower()}"
+        Image.open(f).convert("RGB").save(path, fmt)
+        converted.append(path.read_bytes())
+    serve = signatures["serving_default"]
+    out = serve(image_bytes=tf.constant(converted))
+    from_jpeg = serve(image_bytes=tf.constant([f.read_bytes() for f in files]))
+    assert [n.decode() for n in out["class_name"].numpy()] == CLASSES
+    assert out["class_id"].numpy().tolist() == from_jpeg["class_id"].numpy().tolist()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from tests.conftest import last_error_line, run_module
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from tests.conftest import CLASSES, last_error_line, run_module
 
 
 def test_predict_prints_path_class_and_probability_per_image(trained_run, tmp_path):
@@ -20,7 +25,12 @@ def test_predict_prints_path_class_and_probability_per_image(trained_run, tmp_pa
     assert lines[0][0] == str(one) and lines[0][1] == "cat"
     dogs = [cls for _, cls, _ in lines[1:]]
     assert dogs.count("dog") >= 15
-    assert all(0.5 <= float(p) <= 1.0 for _, _, p in lines)
+    # Each line's class and probability are the model's own answer for that file.
+    serve = tf.saved_model.load(str(trained_run.out / "saved_model")).signatures["serving_default"]
+    out = serve(image_bytes=tf.constant([Path(path).read_bytes() for path, _, _ in lines]))
+    probabilities = out["probabilities"].numpy()
+    for (_, cls, p), row in zip(lines, probabilities, strict=True):
+        assert cls == CLASSES[row.argmax()] and float(p) == pytest.approx(row.max(), abs=1e-4)
 
 
 def test_predict_reports_a_bad_image_and_classifies_the_rest(trained_run, tmp_path):

@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import tensorflow as tf
 
-from tests.conftest import SMALL, run_trainer, trainer_env
+from tests.conftest import SMALL, Lines, run_trainer, start_trainer, stopped_on_exit
+
+
+def _preempt(args: list[str], cwd, when: str, timeout: float = 300) -> tuple[int, str, str]:
+    """Start the trainer, SIGTERM it once a line contains `when`; (exit code, stdout, stderr)."""
+    process = start_trainer(*args, cwd=cwd)
+    with stopped_on_exit(process):
+        lines = Lines(process)
+        lines.wait_for(when, timeout)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        time.sleep(0.2)  # the reader thread takes the last lines
+    return process.returncode, lines.text(), (cwd / "stderr.txt").read_text()
+
+
+def _assert_resumed_and_exported(out, second, epochs: int, metadata: dict) -> None:
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"at epoch {metadata['epoch'] + 1}" in second.stdout
+    assert "epoch 1/" not in second.stdout and f"epoch {epochs}/{epochs}" in second.stdout
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == epochs
+    assert (out / "_SUCCESS").exists() and not (out / "backup").exists()
 
 
 def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(trained_run, tmp_path):
@@ -24,54 +42,90 @@ def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(trained_run, tmp_
         "train.backup_every_steps=2",
         *SMALL,
     ]
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "trainer", *args],
-            cwd=tmp_path,
-            env=trainer_env(),
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-        seen, deadline = [], time.monotonic() + 300
-        while time.monotonic() < deadline:  # wait until two epochs are done, then preempt
-            line = first.stdout.readline()
-            seen.append(line)
-            if "epoch 2/6" in line or not line:
-                break
-        first.send_signal(signal.SIGTERM)
-        rest, _ = first.communicate(timeout=120)
-    log = "".join(seen) + rest
-    assert first.returncode == 143, (tmp_path / "stderr.txt").read_text()[-2000:]
-    assert "run again with the same output.dir to resume" in (tmp_path / "stderr.txt").read_text()
+    code, log, stderr = _preempt(args, tmp_path, when="epoch 2/6")
+    assert code == 143, stderr[-2000:]
+    assert "run again with the same output.dir to resume" in stderr
     metadata = json.loads((out / "backup" / "head" / "training_metadata.json").read_text())
     assert metadata["epoch"] >= 2
     assert not (out / "_SUCCESS").exists() and "epoch 6/6" not in log
 
     second = run_trainer(*args, cwd=tmp_path)
 
-    assert second.returncode == 0, second.stderr[-2000:]
-    resumed_at = metadata["epoch"] + 1
-    assert f"at epoch {resumed_at}" in second.stdout
-    assert "epoch 1/6" not in second.stdout and "epoch 6/6" in second.stdout
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 6
-    assert (out / "_SUCCESS").exists() and not (out / "backup").exists()
+    _assert_resumed_and_exported(out, second, 6, metadata)
     serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
     dog = sorted(trained_run.test_dir.glob("dog/*.jpg"))[0]
     assert serve(image_bytes=tf.constant([dog.read_bytes()]))["probabilities"].shape == (1, 2)
 
 
-def test_sigterm_before_training_exits_143_at_once(tmp_path):
-    """Outside the training loop nothing needs saving: the job stops straight away."""
-    from trainer.train import SIGTERM, Preempted
+def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(trained_run, tmp_path):
+    """The default run (head on cached features) is preempted too: the retry computes the
+    features again and goes on from the backup's epoch, not from epoch 1."""
+    out = tmp_path / "out"
+    epochs = 150  # the head's epochs take milliseconds: enough of them to be stopped mid-way
+    args = [
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={out}",
+        f"train.epochs={epochs}",
+        *SMALL,
+    ]
+    code, log, stderr = _preempt(args, tmp_path, when=f"epoch 2/{epochs}")
+    assert code == 143, stderr[-2000:]
+    assert "head on cached features" in log and f"epoch {epochs}/{epochs}" not in log
+    metadata = json.loads((out / "backup" / "head" / "training_metadata.json").read_text())
 
-    SIGTERM.install()
-    try:
-        signal.raise_signal(signal.SIGTERM)
-    except Preempted:
-        pass
-    else:
-        raise AssertionError("SIGTERM outside fit did not stop the job")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        SIGTERM.requested = False
+    second = run_trainer(*args, cwd=tmp_path)
+
+    _assert_resumed_and_exported(out, second, epochs, metadata)
+    assert "features cached: train set" in second.stdout
+
+
+def test_sigterm_while_fine_tuning_keeps_phase_1_and_the_rerun_skips_it(trained_run, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={out}",
+        "train.epochs=2",
+        "train.finetune_epochs=3",
+        "train.backup_every_steps=2",
+        *SMALL,
+    ]
+    code, log, stderr = _preempt(args, tmp_path, when="fine-tuning:")
+    assert code == 143, stderr[-2000:]
+    assert (out / "backup" / "phase1_done.weights.h5").exists()
+
+    second = run_trainer(*args, cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "phase 1 finished before a restart: resuming from" in second.stdout
+    assert "features cached" not in second.stdout  # phase 1 (the fast path) is not run again
+    assert "epoch 1/5" not in second.stdout and "epoch 5/5 (fine-tune)" in second.stdout
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 5
+    assert (out / "_SUCCESS").exists() and not (out / "backup").exists()
+
+
+def test_sigterm_before_training_exits_143_at_once(trained_run, tmp_path):
+    """Outside the training loop nothing needs saving: the job stops straight away (here
+    during the backbone pass, slowed by 224 px images), without a backup or an epoch."""
+    out = tmp_path / "out"
+    args = [
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        f"output.dir={out}",
+        "model.weights=null",
+        "data.image_size=224",
+        "train.epochs=1",
+    ]
+    process = start_trainer(*args, cwd=tmp_path)
+    with stopped_on_exit(process):
+        lines = Lines(process)
+        lines.wait_for("fast path: frozen backbone", timeout=300)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        process.wait(timeout=60)
+        took = time.monotonic() - signalled
+    assert process.returncode == 143, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert took < 10
+    assert "epoch 1/1" not in lines.text() and "features cached: test set" not in lines.text()
+    assert not (out / "backup").exists() and not (out / "_SUCCESS").exists()

@@ -4,13 +4,16 @@ line otherwise)."""
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from trainer import TrainerError
+from trainer.data import stage_image_folder
 from trainer.gcs import stage_file, stage_prefix
 from trainer.output import Output
 from trainer.predict import stage_model_dir
@@ -349,3 +352,69 @@ def test_other_workers_get_a_copy_of_the_chiefs_backup(emulator, gcs_bucket, tmp
     metadata = tmp_path / "private" / "backup" / "head" / "training_metadata.json"
     assert metadata.read_bytes() == b'{"epoch": 2}'
     assert not Output(uri, True, str(tmp_path / "w2"), 0).fetch_backup(str(tmp_path / "p2"))
+
+
+def test_staging_an_image_folder_fetches_only_image_files(emulator, gcs_bucket, images, tmp_path):
+    """README: image folders fetch only JPEG, PNG, BMP, GIF (any case); hidden files ignored."""
+    emulator.upload_dir(images, f"gs://{gcs_bucket}/train")
+    bucket = emulator.client().bucket(gcs_bucket)
+    for name in ("train/notes.txt", "train/cat/model.ckpt", "train/dog/.hidden.jpg"):
+        bucket.blob(name).upload_from_string(b"not an image")
+    png = io.BytesIO()
+    Image.open(next(images.rglob("*.jpg"))).save(png, "PNG")
+    bucket.blob("train/dog/UPPER.PNG").upload_from_string(png.getvalue())
+
+    local = Path(
+        stage_image_folder(f"gs://{gcs_bucket}/train", str(tmp_path / "cache"), "data.train_dir")
+    )
+
+    staged = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    expected = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
+    assert staged == sorted([*expected, "dog/UPPER.PNG"])
+
+
+def test_a_corrupt_download_fails_and_never_replaces_the_staged_file(
+    emulator, gcs_bucket, images, proxy, tmp_path
+):
+    """Every download is checked against the object's CRC32C and written under a temporary
+    name: a corrupted transfer fails, and the copy staged earlier stays whole under its name."""
+    emulator.upload_dir(images, f"gs://{gcs_bucket}/train")
+    uri, local = f"gs://{gcs_bucket}/train", tmp_path / "cache"
+    stage_prefix(uri, str(local), "data.train_dir")
+    staged = sorted(local.rglob("*.jpg"))[0]
+    name, old = staged.relative_to(local).as_posix(), staged.read_bytes()
+    new = bytes(b ^ 0xFF for b in old)
+    emulator.client().bucket(gcs_bucket).blob(f"train/{name}").upload_from_string(new)
+
+    proxy.corrupt_downloads()
+    with pytest.raises(Exception, match="(?i)checksum|corrupt|crc"):
+        stage_prefix(uri, str(local), "data.train_dir")
+    assert staged.read_bytes() == old
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(images).as_posix() for p in images.rglob("*.jpg")}
+
+    proxy.corrupt = False
+    stage_prefix(uri, str(local), "data.train_dir")
+    assert staged.read_bytes() == new
+
+
+def test_overwrite_deletes_success_before_the_other_outputs(emulator, gcs_bucket, tmp_path):
+    """A reader must never see _SUCCESS beside half-deleted outputs: it goes first."""
+    from tests.gcs_emulator import FaultProxy
+
+    uri = f"gs://{gcs_bucket}/runs/replaced"
+    output = _prepared_output(uri, tmp_path)
+    output.publish()
+    output.close()
+    proxy = FaultProxy(emulator.port)
+    try:
+        again = Output(uri, True, str(tmp_path / "again"), 0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+            again.prepare()
+            again.close()
+    finally:
+        proxy.close()
+    deleted = [path.split("?")[0] for method, path in proxy.paths if method == "DELETE"]
+    assert deleted and deleted[0].endswith("%2F_SUCCESS"), deleted
+    assert len(deleted) == len(RUN_FILES) + 1 and emulator.names(uri) == []

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
+
+from trainer.tensorboard import TILE, _confusion_image
 
 
 def _multiplexer(log_dir: Path) -> EventMultiplexer:
@@ -32,10 +35,31 @@ def test_scalars_per_epoch_for_train_and_test_with_the_learning_rate(trained_run
     assert "epoch_loss" in mux.Runs()["validation"]["tensors"]
 
 
-def test_images_sample_batch_and_confusion_matrix(trained_run):
-    tags = tags_by_run(trained_run.out / "tensorboard")
-    assert "sample_training_batch" in tags["train"]
-    assert "confusion_matrix" in tags["validation"]
+def _last_image(mux: EventMultiplexer, run: str, tag: str) -> np.ndarray:
+    """The last image logged under `tag`, decoded (an image summary holds w, h, PNG bytes)."""
+    event = mux.Tensors(run, tag)[-1]
+    png = tf.make_ndarray(event.tensor_proto)[2]
+    return tf.io.decode_png(png, channels=3).numpy()
+
+
+def test_sample_batch_images_are_pictures(trained_run):
+    """Each tile of the grids is a picture, not a constant: a blank batch would fail."""
+    mux = _multiplexer(trained_run.out / "tensorboard")
+    grid = _last_image(mux, "train", "sample_training_batch")
+    tiles = [grid[:TILE, i * TILE : (i + 1) * TILE] for i in range(4)]
+    assert all(tile.std() > 5 for tile in tiles), [float(t.std()) for t in tiles]
+    assert len({tile.tobytes() for tile in tiles}) == 4  # four different images
+
+
+def test_confusion_matrix_image_shows_the_matrix_of_metrics_json(trained_run):
+    """The image drawn in TensorBoard is the one metrics.json's matrix gives (which test_export
+    checks against the exported model): a wrong or blank matrix fails."""
+    mux = _multiplexer(trained_run.out / "tensorboard")
+    logged = _last_image(mux, "validation", "confusion_matrix")
+    metrics = trained_run.metrics
+    expected = _confusion_image(np.array(metrics["confusion_matrix"]), metrics["classes"])
+    assert logged.std() > 5
+    np.testing.assert_array_equal(logged, expected)
 
 
 def test_hparams_with_final_metrics_for_the_hparams_tab(trained_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import keras
@@ -145,6 +146,7 @@ def test_below_min_accuracy_exits_3_with_metrics_and_no_export(tmp_path):
 
 
 def test_multirun_sweep_gives_each_run_its_own_directory(trained_run, tmp_path):
+    """README: in a sweep each run writes to Hydra's multirun/DATE/TIME/N by default."""
     result = run_trainer(
         "-m",
         f"data.train_dir={trained_run.train_dir}",
@@ -152,11 +154,14 @@ def test_multirun_sweep_gives_each_run_its_own_directory(trained_run, tmp_path):
         "train.learning_rate=1e-3,3e-3",
         "train.epochs=1",
         *SMALL,
-        f"hydra.sweep.dir={tmp_path}/sweep",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    sweeps = list((tmp_path / "multirun").glob("*/*"))
+    assert len(sweeps) == 1 and re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", "/".join(sweeps[0].parts[-2:])
+    ), sweeps
+    runs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in runs] == ["0", "1"]
     for run in runs:
         assert (run / "_SUCCESS").exists() and (run / "saved_model" / "saved_model.pb").exists()

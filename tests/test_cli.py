@@ -84,7 +84,8 @@ def test_tensorboard_through_the_trainer_starts_without_tensorflow_startup_lines
         [sys.executable, "-m", "trainer.tensorboard", "--logdir", str(tmp_path)]
         + ["--host", "127.0.0.1", "--port", str(free_port())],
         cwd=tmp_path,
-        env=trainer_env(),
+        # TensorBoard records itself in TMPDIR/.tensorboard-info: keep that in the test's folder
+        env=trainer_env(TMPDIR=str(tmp_path)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

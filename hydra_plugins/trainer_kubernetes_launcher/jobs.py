@@ -1,9 +1,10 @@
 """The launcher's side of the Kubernetes API: connect, create an Indexed Job, wait for it, read
 what became of each index, delete. Everything goes through the official `kubernetes` client.
 
-What a user needs in the namespace (docs/kubernetes-launcher.md prints it as a Role): RULES.
-Errors a user can fix (no kubeconfig, an unreachable cluster, a refusal by RBAC) become one
-LauncherError line; the launcher prints it and exits 2.
+What a user needs in the namespace is the Role in docs/kubernetes-launcher.md (create, get,
+list, watch, delete Jobs; get and list pods; get pods/log; get serviceaccounts). Errors a user
+can fix (no kubeconfig, an unreachable cluster, a refusal by RBAC) become one LauncherError line;
+the launcher prints it and exits 2.
 """
 
 import logging
@@ -12,19 +13,6 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# The launcher's whole footprint in the namespace; tests/test_launcher.py runs a sweep as a
-# service account that has only these.
-RULES = [
-    {
-        "apiGroups": ["batch"],
-        "resources": ["jobs"],
-        "verbs": ["create", "get", "list", "watch", "delete"],
-    },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    # optional: without it the launcher cannot tell a missing service account from a slow start
-    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]},
-]
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"  # a pod's index (label and annotation)
 JOB_NAME_KEY = "batch.kubernetes.io/job-name"
 LOG_LINES = 20  # of a failed point's last pod, shown and carried in its JobReturn
@@ -114,9 +102,8 @@ class Cluster:
             if error.status == 404:
                 raise LauncherError(
                     f"hydra.launcher.service_account={service_account}: no such service account "
-                    f"in namespace {self.namespace}: create it once with "
-                    "`python scripts/submit.py --dry-run` (its first document) or set "
-                    "hydra.launcher.gsa to have the launcher create it"
+                    f"in namespace {self.namespace}: any scripts/submit.py run creates it, or "
+                    "pass hydra.launcher.gsa=GSA_EMAIL once to have the launcher create it"
                 ) from error
             if error.status != 403:  # 403: not ours to read; the pods will tell
                 raise LauncherError(f"cannot read service accounts: {_say(error)}") from error

@@ -89,7 +89,7 @@ class Result:
     """A finished point: its metrics, or why it failed."""
 
     metrics: dict | None = None
-    exit_code: int | None = None
+    exit_code: int = 0
     line: str = ""  # the trainer's one-line error, or what happened to the pod
     log_tail: str = ""
     seconds: float | None = None
@@ -111,6 +111,7 @@ class KubernetesLauncher(Launcher):
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         """Run the batch as one Job; one JobReturn per point, in the sweeper's order."""
+        started = time.monotonic()
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ class KubernetesLauncher(Launcher):
                 self._point(initial_job_idx + i, list(overrides))
                 for i, overrides in enumerate(job_overrides)
             ]
-            results = self._run(points)
+            results = self._run(points, started=started)
         except (LauncherError, TrainerError) as error:
             self._delete_created()
             _exit(2, f"trainer: error: {error}")
@@ -173,8 +174,9 @@ class KubernetesLauncher(Launcher):
 
     # -- the Job ---------------------------------------------------------------------------------
 
-    def _run(self, points: list[Point]) -> dict[int, Result]:
-        """Results of every point: earlier runs' where _SUCCESS exists, the rest from one Job."""
+    def _run(self, points: list[Point], *, started: float) -> dict[int, Result]:
+        """Results of every point: earlier runs' where _SUCCESS exists, the rest from one Job.
+        Logs the launcher's own time (`started`: when the sweeper called) before and after it."""
         results = {p.num: _finished_result(p.output_dir) for p in points}
         todo = [p for p in points if results[p.num] is None]
         for point in points:
@@ -184,9 +186,8 @@ class KubernetesLauncher(Launcher):
             )
         if not todo:
             return results
-        started = time.monotonic()
         cluster = self._connect()
-        name = self.created_name(todo[0].num)
+        name = f"{self.name}-{todo[0].num}"
         for point in todo:
             HydraConfig.instance().set_config(point.config)
             self.hydra_context.callbacks.on_job_start(
@@ -201,8 +202,8 @@ class KubernetesLauncher(Launcher):
         self.created.append(cluster.create_job(manifest))
         submitted = time.monotonic()
         log.info(
-            "Job %s (namespace %s): %d point(s), %d at a time; created in %.1f s. Follow it with "
-            "kubectl -n %s get pods -l batch.kubernetes.io/job-name=%s -w",
+            "Job %s (namespace %s): %d point(s), %d at a time, created %.1f s after the batch "
+            "came. Follow it with kubectl -n %s get pods -l batch.kubernetes.io/job-name=%s -w",
             name, cluster.namespace, len(todo), min(self.settings.parallelism, len(todo)),
             submitted - started, cluster.namespace, name,
         )  # fmt: skip
@@ -217,9 +218,6 @@ class KubernetesLauncher(Launcher):
         )  # fmt: skip
         return results
 
-    def created_name(self, first_point: int) -> str:
-        return f"{self.name}-{first_point}"
-
     def _result(self, point: Point, outcome: IndexOutcome) -> Result:
         if outcome.succeeded:
             result = _finished_result(point.output_dir)
@@ -228,7 +226,8 @@ class KubernetesLauncher(Launcher):
                 return result
             return Result(exit_code=1, line=f"exit 0 but no _SUCCESS in {point.output_dir}")
         if outcome.exit_code is None:
-            return Result(line=f"no pod finished: {outcome.reason or 'unknown'}")
+            # e.g. the Job's deadline passed before the point's pod ran: a failure like a crash
+            return Result(exit_code=1, line=f"no pod finished: {outcome.reason or 'unknown'}")
         tail = self.cluster.log_tail(outcome.pod, kube.CONTAINER)
         lines = [line for line in tail.splitlines() if line.strip()]
         log.warning(
@@ -271,7 +270,7 @@ class KubernetesLauncher(Launcher):
             ret.return_value = result.metrics["test_accuracy"]
         else:
             ret.status = JobStatus.FAILED
-            error = PointFailed(-1 if result.exit_code is None else result.exit_code, result.line)
+            error = PointFailed(result.exit_code, result.line)
             error.log_tail = result.log_tail
             ret.return_value = error
         HydraConfig.instance().set_config(point.config)

@@ -310,6 +310,7 @@ def test_a_preempted_pod_is_replaced_and_its_point_still_finishes(grid, emulator
     assert grid.kubelet.preempted_pods == [first.metadata.name]
     assert any(c.type == "DisruptionTarget" for c in first.status.conditions)
     assert [p.status.phase for p in others] == ["Succeeded"]
+    assert job.status.failed == 1  # point 3's pod; podFailurePolicy ignored the preemption
     assert "_SUCCESS" in gcs_names(emulator, f"{grid.output}/1")
 
 
@@ -319,9 +320,9 @@ def test_a_rerun_skips_finished_points_and_resubmits_the_rest(grid, emulator, tm
     assert rerun.returncode == 2, rerun.stderr[-3000:]
     first, second = jobs(grid.api, grid.namespace)
     assert second.spec.completions == 1  # only point 3 ran again
-    assert json.loads(second.spec.template.spec.containers[0].env[-1].value)[0][-1] == (
-        f"output.dir={grid.output.replace(':', chr(92) + ':')}/3"
-    )
+    env = {var.name: var.value for var in second.spec.template.spec.containers[0].env}
+    (point,) = json.loads(env["TRAINER_SWEEP"])
+    assert point[-1] == f"output.dir={grid.output.replace(':', chr(92) + ':')}/3"
     assert len(node.started_pods) == 1
     rows = summary_rows(emulator, grid.output)
     assert [(r["point"], r["status"]) for r in rows] == [
@@ -399,7 +400,7 @@ def test_local_paths_and_cluster_problems_are_one_line_and_exit_2(
 ):
     def last_line(config: Path, *overrides: str, output=f"gs://{bucket}/errors") -> str:
         command = driver_command(bucket, output, namespace, tmp_path / "sweep", "seed=1,2")
-        result = run_driver([*command, *overrides], config, emulator, cwd=tmp_path)
+        result = run_driver([*command, *overrides], config, emulator, cwd=tmp_path, timeout=120)
         assert result.returncode == 2, result.stderr[-3000:]
         return result.stderr.strip().splitlines()[-1]
 

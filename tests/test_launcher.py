@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -371,28 +372,48 @@ def test_optuna_sweep_runs_one_job_per_batch_and_the_study_gets_every_accuracy(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_driver_leaves_no_job_behind(
+def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
     api, namespace, kubeconfig, emulator, bucket, tmp_path, signum
 ):
+    from kubernetes import client
+
     # No kubelet: the pods stay Pending, so the driver is still waiting when the signal comes.
     command = driver_command(
         bucket, f"gs://{bucket}/stop-{namespace}", namespace, tmp_path / "sweep", "seed=1,2"
     )
     env = trainer_env(KUBECONFIG=str(kubeconfig), STORAGE_EMULATOR_HOST=emulator.url)
     driver = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
+    reader.start()
     try:
-        wait_for(lambda: jobs(api, namespace), 120, "the driver's Job")
+        (job,) = wait_for(lambda: jobs(api, namespace), 120, "the driver's Job")
+        pod = wait_for(lambda: pods_by_index(api, namespace, job.metadata.name).get(0), 60, "a pod")
+        # What a kubelet reports for an image tag that does not exist
+        pulling = {
+            "name": "trainer",
+            "image": IMAGE,
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": f"pulling {IMAGE}"}},
+        }
+        client.CoreV1Api(api).patch_namespaced_pod_status(
+            pod[0].metadata.name, namespace, {"status": {"containerStatuses": [pulling]}}
+        )
+        wait_for(lambda: any("ImagePullBackOff" in line for line in output), 60, "the warning")
         driver.send_signal(signum)
-        _, stderr = driver.communicate(timeout=60)
+        driver.wait(timeout=60)
+        reader.join(timeout=10)
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    assert driver.returncode == 130, stderr[-3000:]
+    assert driver.returncode == 130, "".join(output)[-3000:]
     assert jobs(api, namespace) == []
-    assert "run the same command again" in stderr.splitlines()[-1]
+    assert "run the same command again" in output[-1]
 
 
 def test_local_paths_and_cluster_problems_are_one_line_and_exit_2(

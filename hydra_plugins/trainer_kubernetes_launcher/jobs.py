@@ -156,7 +156,7 @@ class Cluster:
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
-        outage = None
+        outage, said = None, set()
         while True:
             try:
                 job = self.batch.read_namespaced_job(
@@ -182,6 +182,7 @@ class Cluster:
                     progress(event["object"])
                     if finished(event["object"]):
                         return event["object"]
+                self._say_why_pods_wait(name, said)  # the watch expired: a moment to look
             except ApiException as error:
                 if error.status == 404:
                     raise LauncherError(
@@ -196,6 +197,25 @@ class Cluster:
                 raise
             except Exception as error:  # connection reset, timeout, the laptop slept
                 outage = self._retry_later(error, outage, poll_seconds)
+
+    def _say_why_pods_wait(self, name: str, said: set) -> None:
+        """Once per pod and reason, why a pod of the Job is not running (an image that cannot be
+        pulled, no node that fits it): the Job itself would wait in silence until its deadline."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods = self.core.list_namespaced_pod(
+                self.namespace,
+                label_selector=f"{JOB_NAME_KEY}={name}",
+                _request_timeout=CONNECT_TIMEOUT_S,
+            ).items
+        except ApiException:
+            return  # the next watch tells us whether the cluster is still there
+        for pod in pods:
+            for why in _waiting_reasons(pod):
+                if (pod.metadata.name, why) not in said:
+                    said.add((pod.metadata.name, why))
+                    log.warning("pod %s is not running: %s", pod.metadata.name, why)
 
     @staticmethod
     def _retry_later(error: Exception, outage: float | None, poll_seconds: float) -> float:
@@ -264,6 +284,20 @@ def parse_indexes(text: str | None) -> set[int]:
         first, _, last = part.partition("-")
         indexes.update(range(int(first), int(last or first) + 1))
     return indexes
+
+
+def _waiting_reasons(pod) -> list[str]:
+    """What keeps a pod from running, beyond the usual moments of starting."""
+    reasons = [
+        f"{c.reason}: {c.message}"
+        for c in pod.status.conditions or []
+        if c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
+    ]
+    for status in pod.status.container_statuses or []:
+        waiting = status.state.waiting if status.state else None
+        if waiting is not None and waiting.reason not in (None, "ContainerCreating"):
+            reasons.append(f"{waiting.reason}: {waiting.message or ''}".rstrip(": "))
+    return reasons
 
 
 def _terminated(pod) -> tuple[int | None, float | None]:

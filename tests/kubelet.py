@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import http.server
 import os
-import shutil
 import ssl
 import subprocess
 import threading
@@ -86,6 +85,8 @@ class Kubelet:
             self.core.delete_node(self.node)
         except Exception:
             pass
+        for error in self.errors:  # shown with a failing test's output
+            print(f"test kubelet: {error!r}")
 
     # -- the pods -------------------------------------------------------------------------------
 
@@ -243,9 +244,6 @@ class Kubelet:
         self.server.daemon_threads = True
         self.log_port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _now() -> str:

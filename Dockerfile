@@ -19,6 +19,7 @@ WORKDIR /opt/trainer
 COPY setup.py pyproject.toml README.md ./
 COPY trainer ./trainer
 COPY conf ./conf
+COPY hydra_plugins ./hydra_plugins
 # A regular (not editable) install: the configs ship inside the package as trainer.conf.
 # Then Keras' own download of the ImageNet "notop" weights into its cache, so pods never
 # download at run time (clusters are often offline): model.weights=imagenet finds the file in

@@ -11,6 +11,18 @@ CONF_GROUPS = sorted(
     if p.is_dir() and not p.name.startswith((".", "_"))
 )
 
+# `python -m trainer -m hydra/sweeper=optuna ...`. The plugin's last release needs optuna 2.x,
+# written for SQLAlchemy 1.x; alembic 1.14+ no longer imports with SQLAlchemy 1.4. The set tested
+# together on Python 3.11 with TF 2.21.
+OPTUNA = [
+    "hydra-optuna-sweeper==1.3.0",
+    "optuna==2.10.1",
+    "sqlalchemy>=1.4,<2",
+    "alembic>=1.5,<1.14",
+]
+# `hydra/launcher=kubernetes`: sweeps on the cluster from a laptop (docs/kubernetes-launcher.md)
+KUBERNETES = ["kubernetes==37.*"]
+
 setup(
     name="trainer",
     version="0.1.0",
@@ -18,7 +30,13 @@ setup(
     python_requires=">=3.10",
     # conf/ lives at the top of the repository but ships inside the package as trainer.conf,
     # so `python -m trainer` finds its configs from a wheel as well as from a checkout.
-    packages=["trainer", "trainer.conf", *(f"trainer.conf.{group}" for group in CONF_GROUPS)],
+    packages=[
+        "trainer",
+        "trainer.conf",
+        *(f"trainer.conf.{group}" for group in CONF_GROUPS),
+        # `hydra/launcher=kubernetes`: Hydra finds launchers in the hydra_plugins namespace package
+        "hydra_plugins.trainer_kubernetes_launcher",
+    ],
     package_dir={"trainer.conf": "conf"},
     package_data={"trainer.conf": ["*.yaml", "*/*.yaml"]},
     include_package_data=True,
@@ -45,16 +63,11 @@ setup(
             # backend must be installed, and Python >= 3.12 venvs come without setuptools.
             "setuptools>=68",
             "wheel",
+            *OPTUNA,  # the Optuna sweeps in tests/test_sweep.py and tests/test_launcher.py
+            *KUBERNETES,  # tests/test_launcher.py drives a real control plane
         ],
-        # `python -m trainer -m hydra/sweeper=optuna ...`. The plugin's last release needs
-        # optuna 2.x, written for SQLAlchemy 1.x; alembic 1.14+ no longer imports with
-        # SQLAlchemy 1.4. The set tested together on Python 3.11 with TF 2.21.
-        "optuna": [
-            "hydra-optuna-sweeper==1.3.0",
-            "optuna==2.10.1",
-            "sqlalchemy>=1.4,<2",
-            "alembic>=1.5,<1.14",
-        ],
+        "optuna": OPTUNA,
+        "kubernetes": KUBERNETES,
     },
     entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},
 )

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 # What the image's build context holds (see .dockerignore): the package is built from a copy of
 # these, so nothing (build/, *.egg-info) is written into the checkout.
-PACKAGE_SOURCES = ["setup.py", "pyproject.toml", "README.md", "trainer", "conf"]
+PACKAGE_SOURCES = ["setup.py", "pyproject.toml", "README.md", "trainer", "conf", "hydra_plugins"]
 
 
 def tool(name: str) -> str:
@@ -135,3 +135,13 @@ def test_installed_wheel_runs_with_its_own_configs(wheel, tmp_path):
         assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
         assert "image_size: 64" in result.stdout and "weights: null" in result.stdout
     assert not list(cwd.iterdir())  # --cfg job runs nothing and writes nothing
+
+
+def test_wheel_carries_the_kubernetes_launcher_that_hydra_finds(wheel):
+    """`hydra/launcher=kubernetes` from an installed package: Hydra discovers launchers in the
+    hydra_plugins namespace package, so the wheel must ship it (without an __init__.py there)."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    plugin = "hydra_plugins/trainer_kubernetes_launcher/"
+    assert f"{plugin}__init__.py" in names and f"{plugin}kubernetes_launcher.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package: other plugins too

@@ -1,0 +1,1 @@
+"""Hydra launcher plugin: sweeps run as Kubernetes Indexed Jobs (docs/kubernetes-launcher.md)."""

@@ -1,0 +1,488 @@
+"""`hydra/launcher=kubernetes` against a real Kubernetes control plane (API server and Job
+controller, v1.36), with tests/kubelet.py playing the kubelet: it runs each pod's command as a
+local process, the trainer on tiny data with every path on a GCS emulator.
+
+The control plane is ../shared/k8s/control-plane.sh (beside the repository, as in CI); these tests
+skip, saying why, where it, etcd or kubectl is missing. TRAINER_TEST_KUBECONFIG points them at
+another cluster instead (its API server must let a test register a Node and bind pods to it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_folders, trainer_env
+from tests.kubelet import Kubelet, wait_for
+
+pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
+pytestmark = [
+    pytest.mark.cluster,
+    # the local control plane's kubeconfig skips TLS verification, which urllib3 warns about
+    pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+CONTROL_PLANE = REPO.parent / "shared" / "k8s" / "control-plane.sh"
+IMAGE = "trainer-test:local"  # the image name the test kubelet runs as `python -m trainer`
+SMALL = ["data.image_size=32", "data.batch_size=16", "model.weights=null", "train.epochs=1"]
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory) -> Path:
+    """A kubeconfig for a running API server: TRAINER_TEST_KUBECONFIG's, or a local control
+    plane started for this session and stopped at its end."""
+    pytest.importorskip("kubernetes", reason="the kubernetes client is not installed")
+    if os.environ.get("TRAINER_TEST_KUBECONFIG"):
+        yield Path(os.environ["TRAINER_TEST_KUBECONFIG"])
+        return
+    missing = [
+        what
+        for what, present in (
+            (str(CONTROL_PLANE), CONTROL_PLANE.is_file()),
+            ("etcd (apt-get install etcd-server)", shutil.which("etcd")),
+            ("kubectl", shutil.which("kubectl")),
+        )
+        if not present
+    ]
+    if missing:
+        pytest.skip(f"no Kubernetes control plane: missing {', '.join(missing)}")
+    folder = tmp_path_factory.mktemp("control-plane")
+    try:
+        started = subprocess.run(
+            ["bash", str(CONTROL_PLANE), "start", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield folder / "kubeconfig"
+    finally:
+        subprocess.run(["bash", str(CONTROL_PLANE), "stop", str(folder)], timeout=120)
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig):
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+def new_namespace(api) -> str:
+    """A fresh namespace with the pods' service account, as a user sets it up once."""
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespaced_service_account(name, {"metadata": {"name": "trainer"}})
+    return name
+
+
+def delete_namespace(api, name: str) -> None:
+    from kubernetes import client
+
+    client.CoreV1Api(api).delete_namespace(name)
+
+
+@pytest.fixture
+def namespace(api):
+    name = new_namespace(api)
+    yield name
+    delete_namespace(api, name)
+
+
+def kubeconfig_for(api, namespace: str, account: str, path: Path, rules: list | None) -> Path:
+    """A kubeconfig that acts as service account `account`, granted `rules` in `namespace`."""
+    from kubernetes import client
+
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": account}})
+    if rules is not None:
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": account}, "rules": rules})
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": account},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": account,
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+            },
+        )
+    token = core.create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": 3600}}
+    ).status.token
+    server = api.configuration.host
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "c", "cluster": {"server": server, "insecure-skip-tls-verify": True}}
+                ],
+                "users": [{"name": account, "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": "c",
+                        "context": {"cluster": "c", "user": account, "namespace": namespace},
+                    }
+                ],
+                "current-context": "c",
+            }
+        )
+    )
+    return path
+
+
+def jobs(api, namespace: str) -> list:
+    from kubernetes import client
+
+    items = client.BatchV1Api(api).list_namespaced_job(namespace).items
+    return sorted(items, key=lambda j: j.metadata.creation_timestamp)
+
+
+def pods_by_index(api, namespace: str, job: str) -> dict[int, list]:
+    from kubernetes import client
+
+    pods = (
+        client.CoreV1Api(api)
+        .list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}")
+        .items
+    )
+    found: dict[int, list] = {}
+    for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp):
+        index = int(pod.metadata.annotations["batch.kubernetes.io/job-completion-index"])
+        found.setdefault(index, []).append(pod)
+    return found
+
+
+# -- data, the kubelet and the driver ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bucket(emulator, tmp_path_factory) -> str:
+    """A bucket with the tiny two-class dataset under data/train and data/test."""
+    name = f"sweeps-{uuid.uuid4().hex[:8]}"
+    emulator.client().create_bucket(name)
+    train, test = make_folders(tmp_path_factory.mktemp("sweep-data"), train=16, test=8)
+    emulator.upload_dir(train, f"gs://{name}/data/train")
+    emulator.upload_dir(test, f"gs://{name}/data/test")
+    return name
+
+
+def kubelet(api, namespace: str, root: Path, emulator, preempt=()) -> Kubelet:
+    """The test kubelet for `namespace`: it runs IMAGE's entrypoint, `python -m trainer`
+    (Dockerfile's ENTRYPOINT), with this checkout's code and the emulator as GCS."""
+    return Kubelet(
+        api=api,
+        namespace=namespace,
+        root=root,
+        entrypoints={IMAGE: [sys.executable, "-m", "trainer"]},
+        env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
+        preempt=set(preempt),
+    )
+
+
+def driver_command(bucket: str, output: str, namespace: str, sweep_dir: Path, *overrides: str):
+    return [
+        sys.executable,
+        "-m",
+        "trainer",
+        "-m",
+        "hydra/launcher=kubernetes",
+        f"hydra.launcher.image={IMAGE}",
+        f"hydra.launcher.namespace={namespace}",
+        "hydra.launcher.poll_seconds=5",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"data.train_dir=gs://{bucket}/data/train",
+        f"data.test_dir=gs://{bucket}/data/test",
+        f"output.dir={output}",
+        *SMALL,
+        *overrides,
+    ]
+
+
+def run_driver(command, kubeconfig: Path, emulator, cwd: Path, timeout=600):
+    """Run the sweep's driver as a user does; the CompletedProcess."""
+    env = trainer_env(KUBECONFIG=str(kubeconfig), STORAGE_EMULATOR_HOST=emulator.url)
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def gcs_names(emulator, uri: str) -> set[str]:
+    return set(emulator.names(uri))
+
+
+def summary_rows(emulator, uri: str) -> list[dict]:
+    """sweep.csv at the sweep's gs:// root, one dict a point, in point order."""
+    import csv
+    import io
+
+    bucket, _, prefix = uri[len("gs://") :].partition("/")
+    text = emulator.client().bucket(bucket).blob(f"{prefix}/sweep.csv").download_as_text()
+    return sorted(csv.DictReader(io.StringIO(text)), key=lambda row: int(row["point"]))
+
+
+def documented_rules() -> list[dict]:
+    """The rules of the Role docs/kubernetes-launcher.md tells users to ask for."""
+    text = (REPO / "docs" / "kubernetes-launcher.md").read_text()
+    (role,) = [
+        document
+        for block in text.split("```yaml")[1:]
+        if (document := yaml.safe_load(block.split("```")[0])).get("kind") == "Role"
+    ]
+    return role["rules"]
+
+
+# -- a grid with a bad point and a preemption ----------------------------------------------------
+
+
+class Grid:
+    """One 4-point grid sweep (point 3 has a bad value; point 1's first pod is preempted) run
+    through the launcher as a service account holding only the launcher's documented Role."""
+
+    def __init__(self, api, namespace, kubeconfig, output, sweep_dir, command, result, kubelet):
+        self.api, self.namespace, self.kubeconfig = api, namespace, kubeconfig
+        self.output, self.sweep_dir, self.command = output, sweep_dir, command
+        self.result, self.kubelet = result, kubelet
+
+
+@pytest.fixture(scope="module")
+def grid(api, emulator, bucket, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    namespace = new_namespace(api)
+    config = kubeconfig_for(api, namespace, "launcher", root / "kubeconfig", documented_rules())
+    output = f"gs://{bucket}/grid-{namespace}"
+    command = driver_command(
+        bucket, output, namespace, root / "sweep", "model.dropout=0.1,0.2,0.3,1.5"
+    )
+    try:
+        with kubelet(api, namespace, root / "node", emulator, preempt={1}) as node:
+            result = run_driver(command, config, emulator, cwd=root)
+        yield Grid(api, namespace, config, output, root / "sweep", command, result, node)
+    finally:
+        delete_namespace(api, namespace)
+
+
+def test_a_point_that_exits_2_fails_alone_and_the_summary_shows_all_four(grid, emulator):
+    result = grid.result
+    assert result.returncode == 2, result.stderr[-3000:]
+    (job,) = jobs(grid.api, grid.namespace)
+    assert job.spec.completions == 4
+    assert job.status.completed_indexes == "0-2"
+    assert job.status.failed_indexes == "3"
+    rows = summary_rows(emulator, grid.output)
+    assert [(r["point"], r["status"], r["exit_code"]) for r in rows] == [
+        ("0", "ok", "0"),
+        ("1", "ok", "0"),
+        ("2", "ok", "0"),
+        ("3", "failed", "2"),
+    ]
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows[:3])
+    # The failed point's own error line, read back through the pods/log API, names the key.
+    assert "model.dropout=1.5" in result.stderr
+    assert "must be in [0, 1)" in result.stderr
+    for point in range(3):
+        assert "_SUCCESS" in gcs_names(emulator, f"{grid.output}/{point}")
+    assert "_SUCCESS" not in gcs_names(emulator, f"{grid.output}/3")
+
+
+def test_a_preempted_pod_is_replaced_and_its_point_still_finishes(grid, emulator):
+    (job,) = jobs(grid.api, grid.namespace)
+    first, *others = pods_by_index(grid.api, grid.namespace, job.metadata.name)[1]
+    assert grid.kubelet.preempted_pods == [first.metadata.name]
+    assert any(c.type == "DisruptionTarget" for c in first.status.conditions)
+    assert [p.status.phase for p in others] == ["Succeeded"]
+    assert job.status.failed == 1  # point 3's pod; podFailurePolicy ignored the preemption
+    assert "_SUCCESS" in gcs_names(emulator, f"{grid.output}/1")
+
+
+def test_a_rerun_skips_finished_points_and_resubmits_the_rest(grid, emulator, tmp_path):
+    with kubelet(grid.api, grid.namespace, tmp_path / "node", emulator) as node:
+        rerun = run_driver(grid.command, grid.kubeconfig, emulator, cwd=tmp_path)
+    assert rerun.returncode == 2, rerun.stderr[-3000:]
+    first, second = jobs(grid.api, grid.namespace)
+    assert second.spec.completions == 1  # only point 3 ran again
+    env = {var.name: var.value for var in second.spec.template.spec.containers[0].env}
+    (point,) = json.loads(env["TRAINER_SWEEP"])
+    assert point[-1] == f"output.dir={grid.output.replace(':', chr(92) + ':')}/3"
+    assert len(node.started_pods) == 1
+    rows = summary_rows(emulator, grid.output)
+    assert [(r["point"], r["status"]) for r in rows] == [
+        ("0", "ok"),
+        ("1", "ok"),
+        ("2", "ok"),
+        ("3", "failed"),
+    ]
+
+
+# -- Optuna --------------------------------------------------------------------------------------
+
+
+def test_optuna_sweep_runs_one_job_per_batch_and_the_study_gets_every_accuracy(
+    api, namespace, kubeconfig, emulator, bucket, tmp_path
+):
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="pip install 'trainer[optuna]'"
+    )
+    output = f"gs://{bucket}/optuna-{namespace}"
+    command = driver_command(
+        bucket,
+        output,
+        namespace,
+        tmp_path / "sweep",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.direction=maximize",
+        "model.dropout=interval(0.0, 0.5)",
+        "train.learning_rate=tag(log, interval(1e-4, 1e-2))",
+    )
+    with kubelet(api, namespace, tmp_path / "node", emulator):
+        result = run_driver(command, kubeconfig, emulator, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)  # the sweep's summary table, for the record (pytest -s)
+    assert [j.spec.completions for j in jobs(api, namespace)] == [2, 2]
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    rows = summary_rows(emulator, output)
+    accuracies = [float(r["test_accuracy"]) for r in rows]
+    assert [r["point"] for r in rows] == ["0", "1", "2", "3"]
+    assert best["best_value"] == pytest.approx(max(accuracies))
+
+
+# -- stopping, and errors before any Job ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
+    api, namespace, kubeconfig, emulator, bucket, tmp_path, signum
+):
+    from kubernetes import client
+
+    # No kubelet: the pods stay Pending, so the driver is still waiting when the signal comes.
+    command = driver_command(
+        bucket, f"gs://{bucket}/stop-{namespace}", namespace, tmp_path / "sweep", "seed=1,2"
+    )
+    env = trainer_env(KUBECONFIG=str(kubeconfig), STORAGE_EMULATOR_HOST=emulator.url)
+    driver = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
+    reader.start()
+    try:
+        (job,) = wait_for(lambda: jobs(api, namespace), 120, "the driver's Job")
+        pod = wait_for(lambda: pods_by_index(api, namespace, job.metadata.name).get(0), 60, "a pod")
+        # What a kubelet reports for an image tag that does not exist
+        pulling = {
+            "name": "trainer",
+            "image": IMAGE,
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": f"pulling {IMAGE}"}},
+        }
+        client.CoreV1Api(api).patch_namespaced_pod_status(
+            pod[0].metadata.name, namespace, {"status": {"containerStatuses": [pulling]}}
+        )
+        wait_for(lambda: any("ImagePullBackOff" in line for line in output), 60, "the warning")
+        driver.send_signal(signum)
+        driver.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 130, "".join(output)[-3000:]
+    assert jobs(api, namespace) == []
+    assert "run the same command again" in output[-1]
+
+
+def test_local_paths_and_cluster_problems_are_one_line_and_exit_2(
+    api, namespace, kubeconfig, emulator, bucket, tmp_path
+):
+    def last_line(config: Path, *overrides: str, output=f"gs://{bucket}/errors") -> str:
+        command = driver_command(bucket, output, namespace, tmp_path / "sweep", "seed=1,2")
+        result = run_driver([*command, *overrides], config, emulator, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert last_line(kubeconfig, output=str(tmp_path / "out")).startswith(
+        f"trainer: error: output.dir={tmp_path / 'out'}: a pod sees only gs://"
+    )
+    assert "no usable kubeconfig" in last_line(tmp_path / "missing")
+    refused = kubeconfig_for(api, namespace, "nobody", tmp_path / "nobody", rules=None)
+    assert "refused to list Jobs" in last_line(refused)
+    unreachable = tmp_path / "unreachable"
+    unreachable.write_text(
+        kubeconfig.read_text().replace(api.configuration.host, "https://127.0.0.1:9")
+    )
+    assert "cannot reach the cluster at https://127.0.0.1:9" in last_line(unreachable)
+    assert jobs(api, namespace) == []
+
+
+def test_the_rendered_job_is_accepted_with_strict_field_validation(api, namespace):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.trainer_kubernetes_launcher.kubernetes_launcher import (
+        KubernetesLauncherConf,
+        job_manifest,
+    )
+
+    settings = OmegaConf.to_object(OmegaConf.structured(KubernetesLauncherConf(image=IMAGE)))
+    manifest = job_manifest(
+        settings, name="strict", namespace=namespace, points=[["seed=1"], ["seed=2"]]
+    )
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    def dry_run(body: dict):
+        """A raw POST: the typed client would check the body itself, and we want the server to."""
+        request = api.param_serialize(
+            "POST",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs",
+            query_params=[("fieldValidation", "Strict"), ("dryRun", "All")],
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = api.call_api(*request)
+        response.read()
+        if response.status >= 400:
+            raise ApiException(http_resp=response)
+        return response
+
+    # As the launcher sends it (the typed client checks types first: quantities are strings)...
+    client.BatchV1Api(api).create_namespaced_job(
+        namespace, manifest, field_validation="Strict", dry_run="All"
+    )
+    # ...and as the server sees it.
+    accepted = json.loads(dry_run(manifest).data)
+    assert accepted["spec"]["completions"] == 2
+    rules = accepted["spec"]["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailIndex", "Ignore"]
+    assert rules[0]["onExitCodes"]["values"] == [2, 3, 5]
+    manifest["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # a typo
+    with pytest.raises(ApiException) as refused:
+        dry_run(manifest)
+    message = json.loads(refused.value.body)["message"]
+    assert 'unknown field "spec.template.spec.containers[0].resource"' in message

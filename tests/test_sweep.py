@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SMALL, make_folders, run_trainer
+from tests.conftest import SMALL, make_folders, run_trainer, trainer_env
+
+pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,56 @@ def test_a_failing_point_is_reported_and_the_sweep_goes_on_then_exits_with_its_c
     assert dropout.differs
     assert {m.name.tag for m in experiment.metric_infos} == {"test_accuracy", "test_loss"}
     assert _experiment(out).hparam_infos == experiment.hparam_infos
+
+
+def test_a_sweep_into_gcs_writes_each_point_and_the_summary_under_output_dir(
+    folders, tmp_path, emulator, gcs_bucket
+):
+    train_dir, test_dir = folders
+    root = f"gs://{gcs_bucket}/sweeps/s1"
+    result = run_trainer(
+        "-m",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "model.dropout=0.1,0.2",
+        "train.epochs=1",
+        *SMALL,
+        f"output.dir={root}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = set(emulator.names(root))
+    assert {"0/_SUCCESS", "1/_SUCCESS", "sweep.csv"} <= names, sorted(names)
+    bucket = emulator.client().bucket(gcs_bucket)
+    remote = bucket.blob("sweeps/s1/sweep.csv").download_as_text()
+    assert remote == (tmp_path / "sweep" / "sweep.csv").read_text()
+    rows = list(csv.DictReader(remote.splitlines()))
+    assert sorted(r["point"] for r in rows) == ["0", "1"]
+    assert {r["output_dir"] for r in rows} == {f"{root}/0", f"{root}/1"}
+
+
+def test_a_summary_that_cannot_reach_its_bucket_is_one_line_not_a_traceback(
+    folders, tmp_path, emulator
+):
+    train_dir, test_dir = folders
+    result = run_trainer(
+        "-m",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "model.dropout=0.1,0.2",
+        *SMALL,
+        "output.dir=gs://no-such-bucket-here/sweeps/s1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]  # every point: no such bucket
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sweep: summary")]
+    assert len(lines) == 1 and "gs://no-such-bucket-here/sweeps/s1" in lines[0], result.stderr
+    assert (tmp_path / "sweep" / "sweep.csv").exists()  # the local copy stands
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import TrainerError
+
 log = logging.getLogger(__name__)
 
 SUMMARY = "sweep.csv"
@@ -193,10 +195,13 @@ def finish() -> int:
     roots = [_sweep["dir"]] + ([_sweep["output_root"]] if _sweep["output_root"] else [])
     hparams_file = write_hparams_experiment(_sweep["dir"], records)
     for root in roots:
-        _write(root, SUMMARY, text.encode())
-        if root != _sweep["dir"] and hparams_file:
-            with open(hparams_file, "rb") as f:
-                _write(root, os.path.basename(hparams_file), f.read())
+        try:
+            _write(root, SUMMARY, text.encode())
+            if root != _sweep["dir"] and hparams_file:
+                with open(hparams_file, "rb") as f:
+                    _write(root, os.path.basename(hparams_file), f.read())
+        except TrainerError as error:  # no credentials, no access: the local copy still stands
+            print(f"sweep: summary not written to {root}: {error}", file=sys.stderr, flush=True)
     print(format_table(records), flush=True)
     failed = [r for r in records if r["exit_code"]]
     code = failed[0]["exit_code"] if failed else 0
@@ -333,11 +338,12 @@ def _domain(values: list):
 def _write(root: str, name: str, data: bytes) -> None:
     """Write a small file under `root`, a local folder or gs://bucket/prefix."""
     if root.startswith("gs://"):
-        from trainer.gcs import client, split_uri
+        from trainer.gcs import WRITER_ROLE, client, retry, split_uri, user_errors
 
         bucket, prefix = split_uri(root, "output.dir")
         blob = f"{prefix.rstrip('/')}/{name}" if prefix else name
-        client().bucket(bucket).blob(blob).upload_from_string(data)
+        with user_errors(root, "output.dir", WRITER_ROLE):
+            client().bucket(bucket).blob(blob).upload_from_string(data, retry=retry())
         return
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, name), "wb") as f:

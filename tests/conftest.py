@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -299,3 +301,36 @@ def in_process_run(tmp_path, monkeypatch):
     signal.signal(signal.SIGTERM, handler)
     keras.mixed_precision.set_dtype_policy(policy)
     SIGTERM.requested = False
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until `text` appears in the log file `path` of `process`; fail the test if the
+    process ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        assert process.poll() is None, path.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    pytest.fail(f"no '{text}' in {path} after {timeout} s")
+
+
+def seconds_to_exit_after_kill(
+    survivor: subprocess.Popen, victim: subprocess.Popen, timeout: float
+) -> float:
+    """SIGKILL `victim` (a lost worker), then wait for `survivor` to end; the seconds it took."""
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    survivor.wait(timeout=timeout)
+    return time.monotonic() - killed

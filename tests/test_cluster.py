@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMALL, last_error_line, make_folders, run_trainer, trainer_env
+from tests.conftest import (
+    REPO,
+    SMALL,
+    free_ports,
+    last_error_line,
+    make_folders,
+    run_trainer,
+    seconds_to_exit_after_kill,
+    stop,
+    trainer_env,
+    wait_for_text,
+)
 from trainer import TrainerError
 from trainer.cluster import from_environment, parse
 
@@ -132,16 +140,6 @@ def test_max_hours_stops_evaluates_writes_metrics_and_exits_5_without_export(fol
 # --- a lost peer: exit 4 ------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _worker(
     folders, out: Path, ports: list[int], index: int, log, *overrides: str
 ) -> subprocess.Popen:
@@ -175,34 +173,24 @@ def _worker(
     )
 
 
-def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in path.read_text(errors="replace"):
-            return
-        assert process.poll() is None, path.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
-    pytest.fail(f"no '{text}' in {path} after {timeout} s")
+def _start_two_workers(folders, out: Path, logs: list[Path], *overrides: str, into: list) -> None:
+    """Two workers on loopback, each logging to its file; appended to `into` as they start, so
+    the caller's `finally` stops whichever started."""
+    ports = free_ports(2)
+    for index in range(2):
+        with open(logs[index], "w") as log:
+            into.append(_worker(folders, out, ports, index, log, *overrides))
 
 
 def test_a_worker_killed_mid_training_makes_the_survivor_exit_4(folders, tmp_path):
-    ports = _free_ports(2)
-    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    workers = []
+    workers, logs = [], [tmp_path / f"worker{i}.log" for i in range(2)]
     try:
-        for index in range(2):
-            with open(logs[index], "w") as log:
-                workers.append(_worker(folders, tmp_path / "out", ports, index, log))
-        _wait_for(logs[0], "epoch 1/100", workers[0], timeout=180)  # mid-training
-        workers[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        workers[0].wait(timeout=120)
-        waited = time.monotonic() - killed
+        _start_two_workers(folders, tmp_path / "out", logs, into=workers)
+        wait_for_text(logs[0], "epoch 1/100", workers[0], timeout=180)  # mid-training
+        waited = seconds_to_exit_after_kill(workers[0], workers[1], timeout=120)
     finally:
         for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+            stop(worker)
     output = logs[0].read_text(errors="replace")
     assert workers[0].returncode == 4, output[-3000:]
     last = [line for line in output.splitlines() if line.strip()][-1]
@@ -214,22 +202,14 @@ def test_a_worker_killed_mid_training_makes_the_survivor_exit_4(folders, tmp_pat
 
 @pytest.mark.slow
 def test_max_hours_stops_every_worker_after_the_same_epoch_and_all_exit_5(folders, tmp_path):
-    ports = _free_ports(2)
-    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    workers = []
+    workers, logs = [], [tmp_path / f"worker{i}.log" for i in range(2)]
     try:
-        for index in range(2):
-            with open(logs[index], "w") as log:
-                workers.append(
-                    _worker(folders, tmp_path / "out", ports, index, log, "train.max_hours=0.0001")
-                )
+        _start_two_workers(folders, tmp_path / "out", logs, "train.max_hours=0.0001", into=workers)
         for worker in workers:
             worker.wait(timeout=300)
     finally:
         for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+            stop(worker)
     outputs = [path.read_text(errors="replace") for path in logs]
     assert [w.returncode for w in workers] == [5, 5], outputs[0][-2000:] + outputs[1][-2000:]
     assert all("epoch 1/100" in x and "epoch 2/100" not in x for x in outputs)

@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import stop
+from tests.conftest import free_ports, seconds_to_exit_after_kill, stop, wait_for_text
 from trainer import TrainerError
 from trainer.cluster import cluster_workers, indexed_job_tf_config, resolve_tf_config
 from trainer.distribute import choose_jit_compile
@@ -241,16 +240,6 @@ def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
     return output
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _tf_config(ports: list[int], index: int) -> str:
     workers = [f"127.0.0.1:{port}" for port in ports]
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
@@ -315,7 +304,7 @@ def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
     folders, one_device_run, tmp_path
 ):
     out_dir = tmp_path / "multi-worker"
-    ports = _free_ports(2)
+    ports = free_ports(2)
     scratch = [tmp_path / f"tmp{i}" for i in range(2)]  # each worker's TMPDIR
     workers = []
     with stopped_on_exit_all(workers):
@@ -343,7 +332,7 @@ def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
 @pytest.mark.slow
 def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_path):
     out_dir = tmp_path / "multi-worker-finetune"
-    ports = _free_ports(2)
+    ports = free_ports(2)
     workers = []
     with stopped_on_exit_all(workers):
         for index in range(2):
@@ -366,18 +355,8 @@ def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_p
     assert metrics["epochs"] == 2 and metrics["num_test"] == 10
 
 
-def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        assert process.poll() is None, path.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
-    pytest.fail(f"no '{text}' in {path} after {timeout} s")
-
-
 def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(folders, tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = []
     for index in range(2):
@@ -396,23 +375,18 @@ def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(fol
                 )
             )
     try:
-        _wait_for(logs[1], "strategy: multi_worker", workers[1], timeout=120)
-        workers[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        workers[0].wait(timeout=90)
-        waited = time.monotonic() - killed
+        wait_for_text(logs[1], "strategy: multi_worker", workers[1], timeout=120)
+        waited = seconds_to_exit_after_kill(workers[0], workers[1], timeout=90)
     finally:
         for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+            stop(worker)
     assert workers[0].returncode not in (0, None), logs[0].read_text()[-3000:]
     assert waited < 90
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
 def test_a_worker_that_never_joins_makes_the_other_exit_non_zero(folders, tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     started = time.monotonic()
     lonely = _trainer(
         folders,
@@ -434,7 +408,7 @@ def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders
     (hang / "sitecustomize.py").write_text(
         "import signal, time\nsignal.signal(signal.SIGUSR1, lambda *_: time.sleep(10**6))\n"
     )
-    ports, timeout, epochs = _free_ports(2), 10, 300
+    ports, timeout, epochs = free_ports(2), 10, 300
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = []
     with stopped_on_exit_all(workers):
@@ -455,7 +429,7 @@ def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders
                         log=log,
                     )
                 )
-        _wait_for(logs[1], f"epoch 2/{epochs}", workers[1], timeout=240)
+        wait_for_text(logs[1], f"epoch 2/{epochs}", workers[1], timeout=240)
         workers[1].send_signal(signal.SIGUSR1)
         hung = time.monotonic()
         try:

@@ -82,7 +82,9 @@ def predict_files(
     """
     count, index = workers
     if count == 1:
-        outputs = model.predict(image_dataset(split, image_size, batch_size), verbose=0)
+        outputs = model.predict(
+            image_dataset(split, image_size, batch_size), verbose=0, callbacks=_on_sigterm()
+        )
         return np.asarray(outputs, dtype=np.float32)
     n = len(split)
     mine = np.arange(index, n, count)
@@ -107,7 +109,9 @@ def predict_files(
     # batch lasts `count` steps. Keras would stop after as many steps as the dataset has
     # batches, so the count is hidden from it (filter) and the steps given.
     ds = ds.filter(lambda *_: tf.constant(True))
-    outputs, rows = tagged.predict(ds, steps=count * padded // batch_size, verbose=0)
+    outputs, rows = tagged.predict(
+        ds, steps=count * padded // batch_size, verbose=0, callbacks=_on_sigterm()
+    )
     result = np.zeros((n, *outputs.shape[1:]), dtype=np.float32)
     result[rows] = np.asarray(outputs, dtype=np.float32)  # padding rows repeat real ones
     return result
@@ -182,3 +186,9 @@ def sample_features(
         extractor = feature_extractor(model)
         extractor.compile(jit_compile=jit_compile)  # predict() follows this setting
     return predict_files(extractor, split.subset(rows), image_size, batch_size, workers)
+
+
+def _on_sigterm() -> list:
+    from trainer.train import StopPredictingOnSigterm
+
+    return [StopPredictingOnSigterm()]

@@ -85,8 +85,9 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     images = image_pipelines(ctx, augment=cfg.data.augment)
     write_sample_batch(ctx, images=images)
     schedule = schedule_of(cfg)
-    from trainer.train import TimeLimit  # loads Keras, as everything from here on
+    from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
 
+    SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
     time_limit = TimeLimit(t.max_hours, started, ctx.workers[0])  # train.max_hours: exit 5
     trained = train_phases(
         ctx, model=model, images=images, schedule=schedule, time_limit=time_limit
@@ -103,6 +104,7 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     write_metrics(ctx, metrics=metrics, config_yaml=config_yaml, started=started)
     time_limit.check(f"{ctx.output.uri}/{rundir.METRICS}")
+    SIGTERM.check()  # before the export: the backup stays, and the retry exports
     check_min_accuracy(ctx, metrics=metrics, min_accuracy=t.min_accuracy)
     export(ctx, model=model, metrics=metrics, config_yaml=config_yaml, started=started)
     publish(ctx)

@@ -52,12 +52,14 @@ class Preempted(Exception):
 
 
 class _Sigterm:
-    """Outside `fit`, SIGTERM stops the job at once; inside, at the next step boundary, so the
-    backup written on the way out is a consistent one."""
+    """SIGTERM stops the job at the next safe point: a training step's end (so the backup
+    written on the way out is consistent), a prediction batch's end, or a phase boundary
+    (`check`). The handler itself only records the request: an exception raised from it at an
+    arbitrary point lands inside Keras or autograph, which catch or wrap it (seen as a crash
+    building a model, and as a signal lost while tracing)."""
 
     def __init__(self):
         self.requested = False
-        self.in_fit = False
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -65,18 +67,16 @@ class _Sigterm:
 
     def _handle(self, signum, frame):
         self.requested = True
-        if not self.in_fit:
+
+    def check(self) -> None:
+        """Raise Preempted if SIGTERM arrived: call between phases."""
+        if self.requested:
             raise Preempted("SIGTERM received")
 
     @contextlib.contextmanager
     def during_fit(self):
-        self.in_fit = True
-        try:
-            if self.requested:
-                raise Preempted("SIGTERM received")
-            yield
-        finally:
-            self.in_fit = False
+        self.check()
+        yield
 
 
 SIGTERM = _Sigterm()
@@ -107,6 +107,14 @@ class Backup(keras.callbacks.BackupAndRestore):
 
     def save_now(self) -> None:
         self._save_model()
+
+
+class StopPredictingOnSigterm(keras.callbacks.Callback):
+    """`predict` (the backbone pass, evaluation on images) stops after the batch in which
+    SIGTERM arrived: nothing to save, and a backbone pass can take minutes."""
+
+    def on_predict_batch_end(self, batch, logs=None):
+        SIGTERM.check()
 
 
 class StopOnSigterm(keras.callbacks.Callback):

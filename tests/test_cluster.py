@@ -146,7 +146,10 @@ def _worker(
     train_dir, test_dir = folders
     workers = [f"127.0.0.1:{port}" for port in ports]
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-    env = trainer_env(TF_CONFIG=json.dumps(tf_config))
+    # Its own TMPDIR: a worker killed with SIGKILL cannot remove its private scratch folder.
+    tmp = out.parent / f"tmp{index}"
+    tmp.mkdir(exist_ok=True)
+    env = trainer_env(TF_CONFIG=json.dumps(tf_config), TMPDIR=str(tmp))
     return subprocess.Popen(
         [
             sys.executable,

@@ -27,6 +27,9 @@ from trainer.synthetic import make_dataset
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
 AUTOGRAPH_TEMP_FILES = "__autograph_generated_file"
+# What the trainer, its tests and the emulator name their temporary files: one of these in the
+# real system temp dir is a leak of ours; anything else there may be another program's.
+OWN_TEMP_PREFIXES = ("trainer-", "gcs-emulator-")
 SMALL = ["data.image_size=32", "data.batch_size=16", "model.weights=null"]
 
 
@@ -47,9 +50,9 @@ def nothing_left_behind(tmp_path_factory):
     TRAINER_CACHE_DIR another, so trainers, workers and emulators started by tests write there,
     never to the system temp dir or the default `/tmp/trainer-cache`. At the end the run fails if
     the session temp folder is not empty again (a test or a trainer left something in the temp
-    dir) or if a child process is still running. Entries that appeared in the real system temp
-    dir (a hard-coded /tmp path) are reported as a warning, not a failure: other programs on the
-    machine write there too while the suite runs, and nothing tells whose an entry is.
+    dir) or if a child process is still running. In the real system temp dir, an entry named as
+    ours (OWN_TEMP_PREFIXES: a hard-coded /tmp path, such as the default cache) fails the run;
+    any other new entry is a warning, as other programs on the machine write there too.
     """
     _adopt_orphans()
     base = tmp_path_factory.getbasetemp()
@@ -83,6 +86,9 @@ def nothing_left_behind(tmp_path_factory):
     appeared = sorted(
         name for name in _entries(system_tmp) - before if not name.startswith("pytest-of-")
     )
+    ours = [name for name in appeared if name.startswith(OWN_TEMP_PREFIXES)]
+    if ours:
+        problems.append(f"left in the system temp dir {system_tmp} (a hard-coded path?): {ours}")
     if appeared:
         warnings.warn(
             f"appeared in the system temp dir {system_tmp} during the tests: {appeared}",

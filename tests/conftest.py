@@ -89,6 +89,19 @@ class Run:
         return json.loads((self.out / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """storage.cache_dir (and so the feature cache under it) in this session's tmp folder, for
+    trainer subprocesses too: a run must not reuse the features an earlier session cached."""
+    before = os.environ.get("TRAINER_CACHE_DIR")
+    os.environ["TRAINER_CACHE_DIR"] = str(tmp_path_factory.mktemp("trainer-cache"))
+    yield
+    if before is None:
+        os.environ.pop("TRAINER_CACHE_DIR", None)
+    else:
+        os.environ["TRAINER_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Run:
     """One run on separable data with three undecodable files in the training set."""

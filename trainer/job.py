@@ -84,7 +84,7 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     )
     images = image_pipelines(ctx, augment=cfg.data.augment)
     write_sample_batch(ctx, images=images)
-    schedule = schedule_of(cfg)
+    schedule = schedule_of(cfg, weights=weights)
     from trainer.train import TimeLimit  # loads Keras, as everything from here on
 
     time_limit = TimeLimit(t.max_hours, started, ctx.workers[0])  # train.max_hours: exit 5
@@ -216,8 +216,9 @@ def write_sample_batch(ctx: RunContext, *, images) -> None:
     )
 
 
-def schedule_of(cfg: DictConfig) -> Schedule:
-    """The training phases as train.* and data.augment ask for them."""
+def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
+    """The training phases as train.*, data.augment and storage.feature_cache ask for them;
+    `weights`: model.weights as staged (part of the feature cache's key)."""
     t = cfg.train
     return Schedule(
         epochs=t.epochs,
@@ -228,6 +229,8 @@ def schedule_of(cfg: DictConfig) -> Schedule:
         backup_every_steps=t.backup_every_steps,
         feature_cache_max_mb=t.feature_cache_max_mb,
         cache_features=not cfg.data.augment,  # augmentation changes the features every epoch
+        feature_cache=cfg.storage.feature_cache,
+        weights=weights,
     )
 
 
@@ -273,11 +276,16 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
         "confusion_matrix": result["confusion_matrix"],
         "replicas": ctx.strategy.num_replicas_in_sync,
         "fast_path": fast_path,
-        "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
+        "timings": _timings(ctx),
     }
     scores = {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]}
     tensorboard.write_hparams(log_dir, hparams, scores)
     return metrics
+
+
+def _timings(ctx: RunContext) -> dict:
+    """Seconds per phase, and whether the backbone pass came from the feature cache."""
+    return {**{k: round(v, 3) for k, v in ctx.timings.items()}, "feature_cache": ctx.feature_cache}
 
 
 def _pixels(split: Split, image_size: int):
@@ -335,7 +343,7 @@ def export(ctx: RunContext, *, model, metrics: dict, config_yaml: str, started: 
     export_started = time.perf_counter()
     export_saved_model(model, ctx.classes, ctx.image_size, ctx.run_dir.saved_model)
     ctx.timings["export_s"] = time.perf_counter() - export_started
-    metrics["timings"] = {k: round(v, 3) for k, v in ctx.timings.items()}
+    metrics["timings"] = _timings(ctx)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
 

@@ -1,0 +1,106 @@
+"""Paying once: the feature cache shared by runs (storage.feature_cache) as a run sees it.
+
+Runs call `run(cfg)` in this process on a config composed as `python -m trainer` composes it;
+the cache's own rules (keys, invalidation, concurrent misses) are tested in
+tests/test_feature_cache.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import CLASSES, REPO, SMALL, make_folders
+from trainer.config import register_configs
+from trainer.job import run
+
+HIT = "from the feature cache"
+BACKBONE_PASS = "features cached: "  # extract_features' line: the backbone ran over a split
+
+
+def _config(*overrides: str):
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*SMALL, "train.epochs=2", *overrides])
+
+
+def _run(tmp_path, name: str, data, cache, caplog) -> tuple[dict, str]:
+    """One run into tmp_path/name with the feature cache at `cache`: (metrics, its log)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        metrics = run(
+            _config(
+                f"data.train_dir={data[0]}",
+                f"data.test_dir={data[1]}",
+                f"output.dir={tmp_path / name}",
+                f"storage.feature_cache={cache}",
+            )
+        )
+    return metrics, caplog.text
+
+
+def _exported_probabilities(out, test_dir) -> tuple[np.ndarray, np.ndarray]:
+    """The exported model's probabilities for the test images, and their labels."""
+    import tensorflow as tf
+
+    from trainer.images import decode_image
+
+    files = sorted(test_dir.glob("*/*.jpg"))
+    labels = np.array([CLASSES.index(f.parent.name) for f in files])
+    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 32) for f in files])
+    serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_pixels"]
+    return serve(pixels=pixels)["probabilities"].numpy(), labels
+
+
+def test_a_second_run_takes_the_features_from_the_cache_and_exports_the_same_model(
+    tmp_path, in_process_run, caplog
+):
+    data = make_folders(tmp_path / "data", train=12, test=6)
+    cache = tmp_path / "features"
+
+    first, first_log = _run(tmp_path, "first", data, cache, caplog)
+    second, second_log = _run(tmp_path, "second", data, cache, caplog)
+
+    assert first["timings"]["feature_cache"] == "miss"
+    assert BACKBONE_PASS in first_log and HIT not in first_log
+    assert len(list(cache.glob("*.npy"))) == 2  # train and test
+    assert second["timings"]["feature_cache"] == "hit"
+    assert second_log.count(HIT) == 2 and "backbone pass skipped" in second_log
+    assert BACKBONE_PASS not in second_log  # no backbone pass at all
+    for key in ("test_accuracy", "test_loss", "confusion_matrix"):
+        assert second[key] == first[key]
+    first_out, labels = _exported_probabilities(tmp_path / "first", data[1])
+    second_out, _ = _exported_probabilities(tmp_path / "second", data[1])
+    np.testing.assert_array_equal(second_out, first_out)
+    # The exactness of the fast path holds with cached features: metrics.json (the head on
+    # the cached features) is what the exported model gives from the pixels.
+    loss = -np.mean(np.log(np.clip(second_out[np.arange(len(labels)), labels], 1e-7, 1)))
+    assert np.mean(second_out.argmax(axis=1) == labels) == second["test_accuracy"]
+    assert loss == pytest.approx(second["test_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_changing_one_training_image_is_a_miss(tmp_path, in_process_run, caplog):
+    data = make_folders(tmp_path / "data", train=12, test=6)
+    cache = tmp_path / "features"
+    _run(tmp_path, "first", data, cache, caplog)
+    image = sorted((data[0] / "dog").glob("*.jpg"))[0]
+    other = sorted((data[0] / "dog").glob("*.jpg"))[1]
+    image.write_bytes(other.read_bytes())  # same name, another picture
+
+    metrics, log = _run(tmp_path, "second", data, cache, caplog)
+
+    assert metrics["timings"]["feature_cache"] == "miss"
+    assert "features cached: train set" in log  # the training set's backbone pass ran again
+    assert "test set from the feature cache" in log  # the unchanged test set still hit
+
+
+def test_feature_cache_null_turns_it_off(tmp_path, in_process_run, caplog):
+    data = make_folders(tmp_path / "data", train=12, test=6)
+
+    metrics, log = _run(tmp_path, "out", data, "null", caplog)
+
+    assert metrics["timings"]["feature_cache"] == "off"
+    assert BACKBONE_PASS in log and "feature cache" not in log

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import CLASSES, REPO, SMALL, make_folders
+from tests.conftest import CLASSES, REPO, SMALL, make_folders, run_trainer, trainer_env
 from trainer.config import register_configs
 from trainer.job import run
 
@@ -104,3 +104,26 @@ def test_feature_cache_null_turns_it_off(tmp_path, in_process_run, caplog):
 
     assert metrics["timings"]["feature_cache"] == "off"
     assert BACKBONE_PASS in log and "feature cache" not in log
+
+
+def test_a_local_sweep_over_head_keys_runs_the_backbone_once(tmp_path):
+    """The default cache (${storage.cache_dir}/features) is shared by a -m sweep's points."""
+    train_dir, test_dir = make_folders(tmp_path / "data", train=12, test=6)
+    result = run_trainer(
+        "-m",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "model.dropout=0.1,0.2,0.3",
+        "train.epochs=1",
+        *SMALL,
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+        env=trainer_env(TRAINER_CACHE_DIR=str(tmp_path / "cache")),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = result.stdout + result.stderr
+    assert log.count("features cached: train set") == 1  # the first point's backbone pass
+    assert log.count("train set from the feature cache") == 2  # the other two points'
+    for point in range(3):
+        assert (tmp_path / "sweep" / str(point) / "_SUCCESS").exists(), point
+    assert list((tmp_path / "cache" / "features").glob("*.npy"))

@@ -127,3 +127,61 @@ def test_a_local_sweep_over_head_keys_runs_the_backbone_once(tmp_path):
     for point in range(3):
         assert (tmp_path / "sweep" / str(point) / "_SUCCESS").exists(), point
     assert list((tmp_path / "cache" / "features").glob("*.npy"))
+
+
+START_CHECK = """
+import sys
+from hydra import compose, initialize_config_dir
+from trainer import TrainerError
+from trainer.config import register_configs
+from trainer.job import run
+
+register_configs()
+with initialize_config_dir({conf!r}, version_base="1.3"):
+    cfg = compose("config", overrides={overrides!r})
+try:
+    run(cfg)
+except TrainerError as error:
+    print("error:", error)
+print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("data.train_dir={tmp}/nonexistent", "data.train_dir=.*/nonexistent: folder not found"),
+        ("data.test_dir={tmp}/nonexistent", "data.test_dir=.*/nonexistent: folder not found"),
+        ("data.train_dir={tmp}/data/train/cat", "data.train_dir=.*/cat: found 0 class folder"),
+        ("data.validation_split=1.5", "data.validation_split"),
+    ],
+)
+def test_config_and_folder_errors_are_raised_before_tensorflow_is_imported(
+    tmp_path, override, error
+):
+    """A fresh process (this one may have TensorFlow loaded): run(cfg) raises TrainerError with
+    TensorFlow still unimported, so the error answers in a second, not after TF's start-up."""
+    import re
+    import subprocess
+    import sys
+
+    train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
+    overrides = [
+        f"data.train_dir={train_dir}",
+        "data.test_dir=null",
+        f"output.dir={tmp_path / 'out'}",
+        *SMALL,
+        override.format(tmp=tmp_path),
+    ]
+    script = START_CHECK.format(conf=str(REPO / "conf"), overrides=overrides)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=trainer_env(TRAINER_CACHE_DIR=str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(f"^error: {error}", result.stdout, re.MULTILINE), result.stdout
+    assert "tensorflow imported: False" in result.stdout

@@ -173,6 +173,8 @@ def make_context(
     if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
         log.info("worker resumes from the backup in %s", output.uri)
     fail = data.on_bad_image.value == "fail"
+    # The first images decoded: scripts/benchmark.py's start-up ends at this line.
+    log.info("scanning %d images for undecodable files", len(splits[0]) + len(splits[1]))
     train = drop_bad_images(splits[0], "training", fail)
     test = drop_bad_images(splits[1], "test", fail)
     replicas = strategy.num_replicas_in_sync

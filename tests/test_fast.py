@@ -185,3 +185,45 @@ def test_config_and_folder_errors_are_raised_before_tensorflow_is_imported(
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(f"^error: {error}", result.stdout, re.MULTILINE), result.stdout
     assert "tensorflow imported: False" in result.stdout
+
+
+@pytest.mark.slow  # four trainer processes, two at a time: about two minutes on 2 cores
+def test_two_workers_agree_on_miss_then_hit_and_give_the_same_model(tmp_path):
+    """Multi-worker: the backbone pass is a collective, so both workers must decide alike.
+    The first pair misses (both compute, the chief stores), the second pair hits (neither runs
+    the backbone), and both export the same model."""
+    from tests.test_distribute import _finish, _free_ports, _serve, _tf_config, _trainer
+
+    train_dir, test_dir = make_folders(tmp_path / "data", train=12, test=6)
+    folders = {"train": str(train_dir), "test": str(test_dir)}
+    cache = f"storage.feature_cache={tmp_path / 'features'}"
+    logs = {}
+    for name in ("first", "second"):
+        ports = _free_ports(2)
+        workers = [
+            _trainer(
+                folders,
+                tmp_path / name,
+                "data.batch_size=8",
+                cache,
+                env={"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)},
+            )
+            for index in range(2)
+        ]
+        logs[name] = [_finish(worker) for worker in workers]
+    assert all(BACKBONE_PASS in log and HIT not in log for log in logs["first"])
+    assert all(log.count(HIT) == 2 and BACKBONE_PASS not in log for log in logs["second"])
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2  # the chief stored once each
+    import json
+
+    first, second = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in logs)
+    assert (first["timings"]["feature_cache"], second["timings"]["feature_cache"]) == (
+        "miss",
+        "hit",
+    )
+    assert second["test_loss"] == first["test_loss"]
+    images = sorted(str(p) for p in test_dir.glob("*/*.jpg"))
+    np.testing.assert_array_equal(
+        _serve(str(tmp_path / "second" / "saved_model"), images),
+        _serve(str(tmp_path / "first" / "saved_model"), images),
+    )

@@ -48,6 +48,8 @@ class RunContext:
     # {local path: digest} of files staged from gs:// (their listing's size and CRC32C): the
     # feature cache's key without reading the files again; other files are hashed.
     digests: dict[str, str] = field(default_factory=dict)
+    # Each worker staged only the images it owns (trainer.data.owner): it must decode no other.
+    sharded_staging: bool = False
 
 
 @dataclass(frozen=True)
@@ -265,10 +267,18 @@ def _cached_features(ctx: RunContext, *, name: str, split: Split, schedule: Sche
 
 def _on_every_worker(strategy, flag: bool) -> bool:
     """Whether `flag` holds on every worker (an all-reduce: every worker must call this)."""
+    return not any_worker(strategy, np.asarray([0.0 if flag else 1.0], dtype=np.float32))[0]
+
+
+def any_worker(strategy, flags: np.ndarray) -> np.ndarray:
+    """Element by element, whether any worker set the flag (float32 0/1): an all-reduce, so
+    every worker must call this with flags of the same shape."""
     import tensorflow as tf
 
-    misses = strategy.run(lambda: tf.constant(0.0 if flag else 1.0))
-    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, misses, axis=None)) == 0.0
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(flags)), axis=None
+    )
+    return np.asarray(total) > 0
 
 
 def _head_on_images(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -53,10 +54,12 @@ CONTEXT = {
 }
 
 
-def _benchmark(tmp_path, *flags: str):
+def _benchmark(tmp_path, *flags: str) -> tuple[dict, str]:
     """scripts/benchmark.py at a tiny size with `flags`: (its figures, its stdout)."""
     figures_path, chart_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    done = subprocess.run(
+    # Its own session: on a timeout the benchmark and the trainers it started are killed as one
+    # process group (killing only the script would leave its children running).
+    bench = subprocess.Popen(
         [
             sys.executable,
             os.path.join(REPO, "scripts", "benchmark.py"),
@@ -66,17 +69,24 @@ def _benchmark(tmp_path, *flags: str):
             "--epochs=1",
             f"--json={figures_path}",
             f"--png={chart_path}",
+            f"--work-dir={tmp_path / 'work'}",
             *flags,
         ],
         cwd=tmp_path,
-        env={**os.environ, "TRAINER_CACHE_DIR": str(tmp_path / "cache")},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        stdout, stderr = bench.communicate(timeout=900)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.communicate()
+    assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return json.loads(figures_path.read_text()), done.stdout
+    return json.loads(figures_path.read_text()), stdout
 
 
 def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):

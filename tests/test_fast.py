@@ -7,7 +7,9 @@ tests/test_feature_cache.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 
 import numpy as np
 import pytest
@@ -19,6 +21,26 @@ from trainer.job import run
 
 HIT = "from the feature cache"
 BACKBONE_PASS = "features cached: "  # extract_features' line: the backbone ran over a split
+
+
+def two_ports() -> list[int]:
+    """Two free loopback ports, for a two-worker TF_CONFIG."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return [a.getsockname()[1], b.getsockname()[1]]
+
+
+@contextlib.contextmanager
+def all_stopped(processes: list):
+    """Every process put in `processes` inside the block is killed on every way out."""
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
 
 def _config(*overrides: str):
@@ -192,25 +214,21 @@ def test_two_workers_agree_on_miss_then_hit_and_give_the_same_model(tmp_path):
     """Multi-worker: the backbone pass is a collective, so both workers must decide alike.
     The first pair misses (both compute, the chief stores), the second pair hits (neither runs
     the backbone), and both export the same model."""
-    from tests.test_distribute import _finish, _free_ports, _serve, _tf_config, _trainer
+    from tests.test_distribute import _finish, _serve, _tf_config, _trainer
 
     train_dir, test_dir = make_folders(tmp_path / "data", train=12, test=6)
     folders = {"train": str(train_dir), "test": str(test_dir)}
     cache = f"storage.feature_cache={tmp_path / 'features'}"
     logs = {}
     for name in ("first", "second"):
-        ports = _free_ports(2)
-        workers = [
-            _trainer(
-                folders,
-                tmp_path / name,
-                "data.batch_size=8",
-                cache,
-                env={"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)},
-            )
-            for index in range(2)
-        ]
-        logs[name] = [_finish(worker) for worker in workers]
+        ports = two_ports()
+        with all_stopped([]) as workers:
+            for index in range(2):
+                env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)}
+                workers.append(
+                    _trainer(folders, tmp_path / name, "data.batch_size=8", cache, env=env)
+                )
+            logs[name] = [_finish(worker) for worker in workers]
     assert all(BACKBONE_PASS in log and HIT not in log for log in logs["first"])
     assert all(log.count(HIT) == 2 and BACKBONE_PASS not in log for log in logs["second"])
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2  # the chief stored once each

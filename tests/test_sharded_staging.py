@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import corrupt_files
-from tests.test_distribute import _finish, _free_ports, _serve, _tf_config, _trainer
+from tests.test_distribute import _finish, _serve, _tf_config, _trainer
+from tests.test_fast import all_stopped, two_ports
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
@@ -56,18 +57,13 @@ def test_two_workers_each_stage_half_the_images_and_give_the_one_worker_result(
         )
     )
     out = tmp_path / "two-workers"
-    ports = _free_ports(2)
-    workers = [
-        _trainer(
-            folders,
-            out,
-            "data.batch_size=8",
-            f"storage.cache_dir={tmp_path / f'cache-{index}'}",
-            env={"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)},
-        )
-        for index in range(2)
-    ]
-    logs = [_finish(worker) for worker in workers]
+    ports = two_ports()
+    with all_stopped([]) as workers:
+        for index in range(2):
+            env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)}
+            cache = f"storage.cache_dir={tmp_path / f'cache-{index}'}"
+            workers.append(_trainer(folders, out, "data.batch_size=8", cache, env=env))
+        logs = [_finish(worker) for worker in workers]
 
     staged = [_staged(tmp_path / f"cache-{index}") for index in range(2)]
     assert _staged(tmp_path / "cache-one") == every

@@ -168,17 +168,23 @@ def check(combo: list[str]) -> None:
 
 
 def points(args: argparse.Namespace, combos: list[list[str]]) -> list[list[str]]:
-    """Each run's overrides as the pod receives them: a sweep point writes to OUTPUT_DIR/NAME/i,
-    and --max-hours becomes train.max_hours (added after check(): the flag is already checked)."""
+    """Each run's overrides as the pod receives them: a sweep point writes to OUTPUT_DIR/NAME/i
+    and shares the feature cache OUTPUT_DIR/NAME/features (unless the user set
+    storage.feature_cache), and --max-hours becomes train.max_hours (added after check(): the
+    flag is already checked)."""
     limit = [f"train.max_hours={args.max_hours}"] if args.max_hours is not None else []
     if not args.multirun:
         return [combos[0] + limit]
     # In Hydra's override syntax: the sweeper escapes ':' (gs\\://...); the trainer unescapes it.
     output_dir = next(o.split("=", 1)[1] for o in combos[0] if o.startswith("output.dir="))
+    root = f"{output_dir.rstrip('/')}/{args.name}"
     return [
-        [o for o in combo if not o.startswith("output.dir=")]
-        + limit
-        + [f"output.dir={output_dir.rstrip('/')}/{args.name}/{index}"]
+        kube.shared_feature_cache(
+            [o for o in combo if not o.startswith("output.dir=")]
+            + limit
+            + [f"output.dir={root}/{index}"],
+            sweep_root=root,
+        )
         for index, combo in enumerate(combos)
     ]
 

@@ -25,9 +25,15 @@ REQUIRED = {
     "keras_guide_accuracy",
     "seed_recipe_s",
     "seed_recipe_accuracy",
+    "trainer_backbone_s",
+    "trainer_head_s",
+    "trainer_export_s",
+    "trainer_startup_s",
 }
 # How the figures were made, so the file can be judged on its own.
 CONTEXT = {
+    "trainer_feature_cache",
+    "skipped",
     "floor_batch_size",
     "floor_cpu_s",
     "trainer_cpu_s",
@@ -48,7 +54,8 @@ CONTEXT = {
 }
 
 
-def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
+def _benchmark(tmp_path, *flags: str) -> tuple[dict, str]:
+    """scripts/benchmark.py at a tiny size with `flags`: (its figures, its stdout)."""
     figures_path, chart_path = tmp_path / "bench.json", tmp_path / "bench.png"
     # Its own session: on a timeout the benchmark and the trainers it started are killed as one
     # process group (killing only the script would leave its children running).
@@ -63,6 +70,7 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
             f"--json={figures_path}",
             f"--png={chart_path}",
             f"--work-dir={tmp_path / 'work'}",
+            *flags,
         ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -77,8 +85,12 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
             os.killpg(bench.pid, signal.SIGKILL)
             bench.communicate()
     assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(figures_path.read_text()), stdout
 
-    figures = json.loads(figures_path.read_text())
+
+def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
+    figures, stdout = _benchmark(tmp_path)
     assert set(figures) == REQUIRED | CONTEXT
     for key in REQUIRED:
         value = figures[key]
@@ -90,6 +102,30 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     assert all(figures[f"{run}_cpu_s"] > 0 for run in ("floor", "trainer", "keras_guide"))
     assert (figures["train_images"], figures["test_images"]) == (8, 4)
     assert "backbone pass: train set" in figures["trainer_phases_s"]
-
-    assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figures["trainer_feature_cache"] == "miss"  # a first run: the backbone pass ran
+    assert figures["trainer_startup_s"] < figures["trainer_s"]
     assert "| trainer (`python -m trainer`) |" in stdout  # the markdown table
+
+
+def test_benchmark_sweep_row_runs_the_backbone_once_and_skipped_rows_are_left_out(tmp_path):
+    figures, stdout = _benchmark(tmp_path, "--skip=keras_guide,seed_recipe", "--sweep=2")
+
+    assert figures["sweep_points"] == 2
+    assert figures["sweep_backbone_passes"] == 1  # the points shared the features
+    assert figures["sweep_s"] > 0 and figures["sweep_cpu_s"] > 0
+    assert figures["skipped"] == ["keras_guide", "seed_recipe"]
+    assert not [key for key in figures if key.startswith(("keras_guide", "seed_recipe"))]
+    assert {"floor_s", "trainer_s", "trainer_export_s"} <= set(figures)
+    assert "| sweep: 2-point grid" in stdout and "Keras transfer-learning guide" not in stdout
+
+
+def test_benchmark_refuses_an_unknown_row_and_a_one_point_sweep(tmp_path):
+    script = os.path.join(REPO, "scripts", "benchmark.py")
+    for flag, message in (
+        ("--skip=trainer", "--skip trainer: no such row"),
+        ("--sweep=1", "--sweep (1)"),
+    ):
+        done = subprocess.run(
+            [sys.executable, script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -41,6 +41,7 @@ SMALL_RUN = [
     "train.epochs=2",
     "model.dropout=0",
     "train.precision=float32",
+    "storage.feature_cache=null",  # every run's backbone pass runs (tests/test_fast.py: cached)
 ]
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 
 from tests.conftest import REPO, last_error_line, run_trainer
 from trainer import kube
+from trainer.config import register_configs
 
 BASE = [
     "data.train_dir=gs://bucket/hotdog/train",
@@ -438,9 +440,45 @@ def test_sweep_renders_exactly_the_combinations_hydra_multirun_runs(tmp_path):
     for index, (point, run) in enumerate(zip(points, hydra_runs, strict=True)):
         assert f"output.dir=gs\\://bucket/runs/sweep/{index}" in point  # Hydra's escaping
         assert point[-2] == "train.max_hours=2.0"  # --max-hours, on every point
-        assert [o for o in point[:-2] if not o.startswith("output.dir=")] == [
+        assert point[0] == "storage.feature_cache=gs\\://bucket/runs/sweep/features"
+        assert [o for o in point[1:-2] if not o.startswith("output.dir=")] == [
             o for o in run if not o.startswith("output.dir=")
         ]
+
+
+def test_sweep_points_share_one_feature_cache_beside_the_sweep_output():
+    """The points compute the backbone's features once between them; the pod's config
+    resolves the override (Hydra's escaped ':') to gs://.../NAME/features."""
+    job = by_kind(render("sweep"))["Job"]["spec"]
+    env = {e["name"]: e["value"] for e in job["template"]["spec"]["containers"][0]["env"]}
+    points = json.loads(env["TRAINER_SWEEP"])
+    cache = "storage.feature_cache=gs\\://bucket/runs/sweep/features"
+    assert all(point.count(cache) == 1 for point in points)
+    assert len(points) == 8
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=points[3])
+    assert cfg.storage.feature_cache == "gs://bucket/runs/sweep/features"
+    assert cfg.output.dir == "gs://bucket/runs/sweep/3"
+
+
+def test_a_sweep_keeps_the_users_own_feature_cache():
+    result = submit(
+        "--dry-run",
+        "-m",
+        "--name",
+        "mine",
+        "--",
+        *BASE,
+        "model.dropout=0.2,0.5",
+        "storage.feature_cache=gs://other/features",
+    )
+    assert result.returncode == 0, result.stderr
+    job = by_kind(list(yaml.safe_load_all(result.stdout)))["Job"]["spec"]
+    env = {e["name"]: e["value"] for e in job["template"]["spec"]["containers"][0]["env"]}
+    for point in json.loads(env["TRAINER_SWEEP"]):
+        caches = [o for o in point if o.startswith("storage.feature_cache=")]
+        assert caches == ["storage.feature_cache=gs\\://other/features"]
 
 
 def test_trainer_pod_runs_the_sweep_point_of_its_index(tmp_path):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,12 +37,37 @@ class Split:
         return Split([self.files[i] for i in keep], self.labels[keep])
 
 
+def owner(path: str, workers: int) -> int:
+    """The worker that decodes `path` for the backbone pass and the bad-image probe of a
+    multi-worker run: a hash of the path's last two parts (class folder/file name), so every
+    worker computes the same owner whatever its local folder, and neither the split, the
+    bad-image filter nor a subset moves a file to another worker. Sharded staging downloads
+    exactly the files a worker owns."""
+    if workers == 1:
+        return 0
+    tail = "/".join(path.replace(os.sep, "/").split("/")[-2:])
+    return zlib.crc32(tail.encode()) % workers
+
+
+@dataclass(frozen=True)
+class Folder:
+    """An image folder ready to list: its local root and, when the root holds only this
+    worker's share (sharded staging), the relative names of every image the source holds."""
+
+    root: str
+    names: list[str] | None = None
+    objects: dict = field(default_factory=dict)  # gs:// only: {relative name: listed blob}
+
+
 def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def list_image_folder(root: str, key: str) -> dict[str, list[str]]:
-    """Map each class folder under `root` to its sorted image files; `key` names the config key."""
+def list_image_folder(root: str, key: str, names: list[str] | None = None) -> dict[str, list[str]]:
+    """Map each class folder under `root` to its sorted image files; `key` names the config key.
+    `names`: the images' relative names, when `root` holds only some of them (sharded staging)."""
+    if names is not None:
+        return _list_names(root, key, names)
     if not os.path.isdir(root):
         raise TrainerError(f"{key}={root}: folder not found")
     classes = sorted(n for n in os.listdir(root) if _visible(n) and os.path.isdir(f"{root}/{n}"))
@@ -67,13 +93,45 @@ def list_image_folder(root: str, key: str) -> dict[str, list[str]]:
     return found
 
 
-def stage_image_folder(uri: str, cache_dir: str, key: str) -> str:
-    """A local folder holding the image folder at `uri` (the folder itself when it is local);
-    only image files are downloaded: the listing counts nothing else."""
-    from trainer.gcs import stage_dir
+def _list_names(root: str, key: str, names: list[str]) -> dict[str, list[str]]:
+    """list_image_folder from a listing: the images directly inside class folders."""
+    found: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 2 and _visible(parts[0]) and is_image(parts[1]):
+            found.setdefault(parts[0], []).append(os.path.join(root, *parts))
+    if len(found) < 2:
+        raise TrainerError(
+            f"{key}={root}: found {len(found)} class folder(s) {sorted(found)}; need at least 2 "
+            "(one subfolder per class)"
+        )
+    return {name: sorted(found[name]) for name in sorted(found)}
 
-    what = f"objects ({', '.join(IMAGE_EXTENSIONS)})"
-    return stage_dir(uri, cache_dir, key, keep=is_image, what=what)
+
+def stage_image_folder(
+    uri: str, cache_dir: str, key: str, *, share: tuple[int, int] = (1, 0)
+) -> Folder:
+    """A local folder holding the image folder at `uri` (the folder itself when it is local);
+    only image files are downloaded: the listing counts nothing else. `share` (workers, index):
+    only the images this worker owns (`owner`) are downloaded; the folder then lists every
+    image of `uri` by name."""
+    from trainer.gcs import cache_path, is_gcs, stage_prefix
+
+    if not is_gcs(uri):
+        return Folder(uri)
+    workers, index = share
+    if workers > 1:  # staging removes what it does not stage: workers must not share a folder
+        cache_dir = os.path.join(cache_dir, f"worker-{index}-of-{workers}")
+    local = cache_path(cache_dir, "inputs", uri)
+    report = stage_prefix(
+        uri,
+        local,
+        key,
+        keep=is_image,
+        what=f"objects ({', '.join(IMAGE_EXTENSIONS)})",
+        only=None if workers == 1 else lambda name: owner(name, workers) == index,
+    )
+    return Folder(local, None if workers == 1 else sorted(report.objects), report.objects)
 
 
 def _to_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
@@ -85,17 +143,22 @@ def _to_split(by_class: dict[str, list[str]], classes: list[str]) -> Split:
 
 
 def load_splits(
-    train_dir: str, test_dir: str | None, validation_split: float, seed: int
+    train_dir: str,
+    test_dir: str | None,
+    validation_split: float,
+    seed: int,
+    names: dict[str, list[str] | None] | None = None,
 ) -> tuple[list[str], Split, Split]:
     """Classes (sorted folder names) and the train and test file lists.
 
     With no test_dir, a seeded, per-class share of the training files becomes the test set, so
     every class appears in both and the split is the same on every run with the same seed.
     """
-    train = list_image_folder(train_dir, "data.train_dir")
+    names = names or {}
+    train = list_image_folder(train_dir, "data.train_dir", names.get(train_dir))
     classes = list(train)
     if test_dir is not None:
-        test = list_image_folder(test_dir, "data.test_dir")
+        test = list_image_folder(test_dir, "data.test_dir", names.get(test_dir))
         unknown = sorted(set(test) - set(train))
         if unknown:
             raise TrainerError(
@@ -145,9 +208,12 @@ def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
     return bad
 
 
-def drop_bad_images(split: Split, name: str, fail: bool) -> Split:
-    """Leave out (or, with `fail`, refuse) the undecodable files of `split`, listing each one."""
-    bad = find_bad_images(split.files)
+def drop_bad_images(
+    split: Split, name: str, fail: bool, bad: list[tuple[str, str]] | None = None
+) -> Split:
+    """Leave out (or, with `fail`, refuse) the undecodable files of `split`, listing each one;
+    `bad`: (path, reason) already found (by default `find_bad_images` looks at every file)."""
+    bad = find_bad_images(split.files) if bad is None else bad
     if not bad:
         return split
     if fail:

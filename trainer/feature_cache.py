@@ -277,7 +277,7 @@ def _drop_stale_claim(cache_uri: str, key: str, stale_seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def _cache_errors(cache_uri: str) -> Iterator[None]:
+def cache_errors(cache_uri: str) -> Iterator[None]:
     """What the user must fix about the cache itself (a folder that cannot be written, no
     access to the bucket) becomes one TrainerError naming storage.feature_cache."""
     key = "storage.feature_cache"
@@ -341,7 +341,7 @@ def cached_features(
     `wait_seconds` is stale and taken over. For one process per run: a multi-worker run must
     decide hit or miss on all workers together (`lookup`, agree, compute, the chief `store`s)."""
     load = {"local_dir": local_dir, "mmap": mmap}
-    with _cache_errors(cache_uri):
+    with cache_errors(cache_uri):
         found = lookup(cache_uri, key, rows=rows, **load)
         if found is not None:
             return found, True
@@ -352,7 +352,7 @@ def cached_features(
             return found, True
     try:
         features = compute()
-        with _cache_errors(cache_uri):
+        with cache_errors(cache_uri):
             store(cache_uri, key, features)
         return features, False
     finally:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import Split, image_dataset
+from trainer.data import Split, image_dataset, owner
 from trainer.model import FEATURES
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,12 @@ def predict_files(
     """`model`'s float32 outputs for every image of `split`, in order, on every worker.
 
     One worker (one device or MirroredStrategy): a plain `predict`. Several workers: worker w
-    reads and decodes only files w, w + W, w + 2W, ... (tf.data's own sharding would decode
-    everything on every worker and drop most of it); Keras' `predict` all-gathers the outputs
-    and each row carries its file index, so every worker puts them back in order. tf.distribute
-    fails if one worker runs more steps than another, so each share is padded with repeats of
-    its last file to a whole number of global batches (< one batch of extra work per worker).
+    reads and decodes only the files it owns (`trainer.data.owner`: the ones sharded staging
+    gave it; tf.data's own sharding would decode everything on every worker and drop most of
+    it); Keras' `predict` all-gathers the outputs and each row carries its file index, so every
+    worker puts them back in order. tf.distribute fails if one worker runs more steps than
+    another, so each share is padded with blank images (row -1, dropped) to the largest share's
+    whole number of global batches.
     """
     count, index = workers
     if count == 1:
@@ -87,12 +88,18 @@ def predict_files(
         )
         return np.asarray(outputs, dtype=np.float32)
     n = len(split)
-    mine = np.arange(index, n, count)
-    share = -(-n // count)  # ceil(n / W)
-    padded = -(-share // batch_size) * batch_size  # whole global batches
-    mine = np.concatenate([mine, np.full(padded - len(mine), mine[-1] if len(mine) else 0)])
+    owners = np.asarray([owner(path, count) for path in split.files], dtype=np.int64)
+    mine = np.flatnonzero(owners == index)
+    share = int(np.bincount(owners, minlength=count).max())  # the same on every worker
+    padded = max(1, -(-share // batch_size)) * batch_size  # whole global batches
     # The label slot carries the file's row index through the pipeline and the model.
-    ds = image_dataset(Split([split.files[i] for i in mine], mine), image_size, batch_size)
+    ds = tf.data.Dataset.from_tensors(
+        (tf.zeros([image_size, image_size, 3], tf.float32), tf.constant(-1, tf.int64))
+    ).repeat(padded - len(mine))  # the padding
+    if len(mine):
+        own = Split([split.files[i] for i in mine], mine)
+        ds = image_dataset(own, image_size, batch_size).unbatch().concatenate(ds)
+    ds = ds.batch(batch_size)
     ds = ds.map(lambda pixels, row: ((pixels, row),))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
@@ -113,7 +120,8 @@ def predict_files(
         ds, steps=count * padded // batch_size, verbose=0, callbacks=_on_sigterm()
     )
     result = np.zeros((n, *outputs.shape[1:]), dtype=np.float32)
-    result[rows] = np.asarray(outputs, dtype=np.float32)  # padding rows repeat real ones
+    real = rows >= 0
+    result[rows[real]] = np.asarray(outputs, dtype=np.float32)[real]
     return result
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer import TrainerError
 
@@ -161,6 +161,7 @@ class StageReport:
     skipped: int
     bytes: int
     seconds: float
+    objects: dict = field(default_factory=dict)  # {relative path: blob}: all that was listed
 
     @property
     def mb_per_second(self) -> float:
@@ -235,24 +236,30 @@ def stage_prefix(
     workers: int = WORKERS,
     retry_seconds: float = RETRY_SECONDS,
     what: str = "objects",
+    only: Callable[[str], bool] | None = None,
 ) -> StageReport:
-    """Make `local_dir` hold the objects under `uri` (those `keep` accepts), downloading in
-    parallel only what is missing or changed. TrainerError when the prefix holds none of
-    `what`."""
+    """Make `local_dir` hold the objects under `uri` (those `keep` accepts; of those, only
+    the ones `only` accepts, when given; the report lists them all), downloading in parallel
+    only what is missing or changed. TrainerError when the prefix holds none of `what`."""
     started = time.perf_counter()  # the report's seconds cover listing and checking too
     objects = list_objects(uri, key, keep, retry_seconds)
     if not objects:
         raise TrainerError(
             f"{key}={uri}: no {what} under this prefix: check the path (gcloud storage ls {uri})"
         )
-    todo = _to_download(objects, local_dir)
+    wanted = objects if only is None else {r: b for r, b in objects.items() if only(r)}
+    todo = _to_download(wanted, local_dir)
     total_bytes = sum(blob.size for blob, _ in todo)
+    if only is not None:
+        log.info(
+            "staging %s: %d of its %d objects are this worker's", uri, len(wanted), len(objects)
+        )
     log.info(
         "staging %s: %d objects (%.1f MB) to download, %d already staged, %d workers -> %s",
         uri,
         len(todo),
         total_bytes / 1e6,
-        len(objects) - len(todo),
+        len(wanted) - len(todo),
         workers,
         local_dir,
     )
@@ -269,7 +276,7 @@ def stage_prefix(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in pool.map(fetch, todo):  # re-raises the first failure
             pass
-    report = StageReport(len(todo), len(objects) - len(todo), total_bytes, 0.0)
+    report = StageReport(len(todo), len(wanted) - len(todo), total_bytes, 0.0, objects)
     report.seconds = time.perf_counter() - started
     if todo:
         log.info(

@@ -8,6 +8,7 @@ report (TensorBoard, metrics) -> export -> publish (_SUCCESS last)
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import BelowMinAccuracy, rundir
 from trainer.config import validate
-from trainer.data import Split, load_splits, stage_image_folder
+from trainer.data import Folder, Split, load_splits, owner, stage_image_folder
 from trainer.gcs import stage_file
 from trainer.output import Output
 from trainer.phases import RunContext, Schedule, image_pipelines, train_phases
@@ -31,8 +32,13 @@ def run(cfg: DictConfig) -> dict:
     d, m, t, s, dist = cfg.data, cfg.model, cfg.train, cfg.storage, cfg.distribute
     output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
     output.check()  # read-only here: only the chief may clear anything, and it is not known yet
+    share = staging_share(augment=d.augment, finetune_epochs=t.finetune_epochs)
     train_dir, test_dir, weights = stage_inputs(
-        train_dir=d.train_dir, test_dir=d.test_dir, weights=m.weights, cache_dir=s.cache_dir
+        train_dir=d.train_dir,
+        test_dir=d.test_dir,
+        weights=m.weights,
+        cache_dir=s.cache_dir,
+        share=share,
     )
     classes, train, test = split_data(
         train_dir=train_dir, test_dir=test_dir, validation_split=d.validation_split, seed=cfg.seed
@@ -64,6 +70,8 @@ def run(cfg: DictConfig) -> dict:
             data=d,
             jit_compile=t.jit_compile,
             seed=cfg.seed,
+            share=share,
+            digests=listing_digests(train_dir, test_dir),
         )
         return train_and_export(ctx, cfg=cfg, weights=weights, started=started)
     finally:
@@ -84,7 +92,7 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     )
     images = image_pipelines(ctx, augment=cfg.data.augment)
     write_sample_batch(ctx, images=images)
-    schedule = schedule_of(cfg)
+    schedule = schedule_of(cfg, weights=weights)
     from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
 
     SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
@@ -111,19 +119,48 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     return metrics
 
 
-def stage_inputs(*, train_dir: str, test_dir: str | None, weights: str | None, cache_dir: str):
-    """Local copies of gs:// inputs (local paths pass through): (train_dir, test_dir, weights)."""
-    train_dir = stage_image_folder(train_dir, cache_dir, "data.train_dir")
+def staging_share(*, augment: bool, finetune_epochs: int) -> tuple[int, int]:
+    """(workers, index): which images this worker stages and decodes (trainer.data.owner).
+    A multi-worker run on cached features decodes each image on one worker only, so each
+    stages only its own; training on images (augmentation, fine-tuning) reads every file on
+    every worker. Read from the environment: TensorFlow is not loaded yet."""
+    from trainer.cluster import from_environment
+
+    if augment or finetune_epochs:
+        return 1, 0
+    cluster = from_environment(dict(os.environ))  # a copy: TF_CONFIG is written later
+    return cluster.workers, cluster.index
+
+
+def stage_inputs(
+    *,
+    train_dir: str,
+    test_dir: str | None,
+    weights: str | None,
+    cache_dir: str,
+    share: tuple[int, int],
+):
+    """Local copies of gs:// inputs (local paths pass through): (train_dir, test_dir, weights)
+    as Folders for the image folders; of the images, only this worker's `share`."""
+    train_dir = stage_image_folder(train_dir, cache_dir, "data.train_dir", share=share)
     if test_dir is not None:
-        test_dir = stage_image_folder(test_dir, cache_dir, "data.test_dir")
+        test_dir = stage_image_folder(test_dir, cache_dir, "data.test_dir", share=share)
     if weights not in (None, "imagenet"):
         weights = stage_file(weights, cache_dir, "model.weights")
     return train_dir, test_dir, weights
 
 
-def split_data(*, train_dir: str, test_dir: str | None, validation_split: float, seed: int):
-    """Classes and the train and test file lists (no TensorFlow yet)."""
-    classes, train, test = load_splits(train_dir, test_dir, validation_split, seed)
+def split_data(*, train_dir: Folder, test_dir: Folder | None, validation_split: float, seed: int):
+    """Classes and the train and test file lists (no TensorFlow yet), of every image even
+    where only a share was staged."""
+    folders = [f for f in (train_dir, test_dir) if f is not None]
+    classes, train, test = load_splits(
+        train_dir.root,
+        test_dir.root if test_dir else None,
+        validation_split,
+        seed,
+        names={f.root: f.names for f in folders},
+    )
     log.info(
         "found %d classes %s: %d training and %d test images",
         len(classes),
@@ -132,6 +169,19 @@ def split_data(*, train_dir: str, test_dir: str | None, validation_split: float,
         len(test),
     )
     return classes, train, test
+
+
+def listing_digests(*folders: Folder | None) -> dict[str, str]:
+    """{local path: digest} of the images staged from gs://, from their listing (size and
+    CRC32C): the feature cache's key without reading the files, staged here or not."""
+    from trainer.feature_cache import listing_digests as digests
+
+    return {
+        path: digest
+        for folder in folders
+        if folder is not None
+        for path, digest in digests(folder.objects, folder.root).items()
+    }
 
 
 def start_runtime(
@@ -165,18 +215,21 @@ def make_context(
     data,
     jit_compile,
     seed: int,
+    share: tuple[int, int],
+    digests: dict[str, str],
 ) -> RunContext:
     """Leave out (or refuse) undecodable images, size the batch, and gather what the phases
     share; a worker other than the chief resumes from the chief's backup, if there is one."""
-    from trainer.data import drop_bad_images
     from trainer.distribute import choose_jit_compile, worker_shard
 
     run_dir = rundir.RunDir(work_dir)
     if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
         log.info("worker resumes from the backup in %s", output.uri)
     fail = data.on_bad_image.value == "fail"
-    train = drop_bad_images(splits[0], "training", fail)
-    test = drop_bad_images(splits[1], "test", fail)
+    # The first images decoded: scripts/benchmark.py's start-up ends at this line.
+    log.info("scanning %d images for undecodable files", len(splits[0]) + len(splits[1]))
+    train = drop_undecodable(splits[0], name="training", fail=fail, strategy=strategy, share=share)
+    test = drop_undecodable(splits[1], name="test", fail=fail, strategy=strategy, share=share)
     replicas = strategy.num_replicas_in_sync
     batch = data.batch_size * replicas
     log.info("batch size: %d per replica x %d replica(s) = %d", data.batch_size, replicas, batch)
@@ -193,7 +246,27 @@ def make_context(
         workers=worker_shard(strategy),
         jit_compile=choose_jit_compile(jit_compile, strategy),
         seed=seed,
+        digests=digests,
+        sharded_staging=share[0] > 1,
     )
+
+
+def drop_undecodable(split: Split, *, name: str, fail: bool, strategy, share) -> Split:
+    """drop_bad_images; with a staged `share`, each worker probes the images it owns and the
+    workers agree on the bad ones (an all-reduce), so every worker keeps the same files."""
+    from trainer.data import drop_bad_images, find_bad_images
+    from trainer.phases import any_worker
+
+    workers, index = share
+    if workers == 1:
+        return drop_bad_images(split, name, fail)
+    mine = [i for i, path in enumerate(split.files) if owner(path, workers) == index]
+    found = dict(find_bad_images([split.files[i] for i in mine])) if mine else {}
+    flags = np.asarray([path in found for path in split.files], dtype=np.float32)
+    agreed = any_worker(strategy, flags)
+    other = "undecodable; found by another worker"
+    bad = [(split.files[i], found.get(split.files[i], other)) for i in np.flatnonzero(agreed)]
+    return drop_bad_images(split, name, fail, bad=bad)
 
 
 def build(ctx: RunContext, *, weights, dropout: float, finetune_from: str, check_finetune: bool):
@@ -211,15 +284,25 @@ def build(ctx: RunContext, *, weights, dropout: float, finetune_from: str, check
 def write_sample_batch(ctx: RunContext, *, images) -> None:
     """The first 16 training images, as the model sees them, in TensorBoard."""
     from trainer import tensorboard
+    from trainer.data import image_dataset
 
-    sample_x, sample_y = next(iter(images.train.take(1)))
+    train = images.train
+    if ctx.sharded_staging:  # this worker holds only its own images: 16 of those
+        workers, index = ctx.workers
+        own = [i for i, path in enumerate(ctx.train.files) if owner(path, workers) == index]
+        if not own:
+            return
+        rows = np.random.default_rng(ctx.seed).permutation(own)[:16]
+        train = image_dataset(ctx.train.subset(rows), ctx.image_size, 16)
+    sample_x, sample_y = next(iter(train.take(1)))
     tensorboard.write_sample_batch(
         ctx.run_dir.tensorboard, sample_x[:16], sample_y[:16].numpy(), ctx.classes
     )
 
 
-def schedule_of(cfg: DictConfig) -> Schedule:
-    """The training phases as train.* and data.augment ask for them."""
+def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
+    """The training phases as train.*, data.augment and storage.feature_cache ask for them;
+    `weights`: model.weights as staged (part of the feature cache's key)."""
     t = cfg.train
     return Schedule(
         epochs=t.epochs,
@@ -230,6 +313,8 @@ def schedule_of(cfg: DictConfig) -> Schedule:
         backup_every_steps=t.backup_every_steps,
         feature_cache_max_mb=t.feature_cache_max_mb,
         cache_features=not cfg.data.augment,  # augmentation changes the features every epoch
+        feature_cache=cfg.storage.feature_cache,
+        weights=weights,
     )
 
 
@@ -254,7 +339,13 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
     from trainer import tensorboard
 
     predicted = result.pop("predicted")
-    wrong = np.flatnonzero(predicted != ctx.test.labels)[:16]
+    wrong = np.flatnonzero(predicted != ctx.test.labels)
+    if ctx.sharded_staging:  # this worker holds only its own test images
+        wrong = np.asarray(
+            [i for i in wrong if owner(ctx.test.files[i], ctx.workers[0]) == ctx.workers[1]],
+            dtype=np.int64,
+        )
+    wrong = wrong[:16]
     log_dir = ctx.run_dir.tensorboard
     tensorboard.write_test_report(
         log_dir,
@@ -275,11 +366,16 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
         "confusion_matrix": result["confusion_matrix"],
         "replicas": ctx.strategy.num_replicas_in_sync,
         "fast_path": fast_path,
-        "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
+        "timings": _timings(ctx),
     }
     scores = {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]}
     tensorboard.write_hparams(log_dir, hparams, scores)
     return metrics
+
+
+def _timings(ctx: RunContext) -> dict:
+    """Seconds per phase, and whether the backbone pass came from the feature cache."""
+    return {**{k: round(v, 3) for k, v in ctx.timings.items()}, "feature_cache": ctx.feature_cache}
 
 
 def _pixels(split: Split, image_size: int):
@@ -337,7 +433,7 @@ def export(ctx: RunContext, *, model, metrics: dict, config_yaml: str, started: 
     export_started = time.perf_counter()
     export_saved_model(model, ctx.classes, ctx.image_size, ctx.run_dir.saved_model)
     ctx.timings["export_s"] = time.perf_counter() - export_started
-    metrics["timings"] = {k: round(v, 3) for k, v in ctx.timings.items()}
+    metrics["timings"] = _timings(ctx)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
 

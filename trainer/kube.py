@@ -86,6 +86,16 @@ def sweep_point_overrides(environ: Mapping[str, str] = os.environ) -> list[str]:
     return json.loads(environ[SWEEP_ENV])[int(environ[INDEX_ENV])]
 
 
+def shared_feature_cache(point: list[str], *, sweep_root: str) -> list[str]:
+    """A sweep point's overrides with the sweep's shared feature cache, `sweep_root`/features
+    (gs://, beside the points' outputs): the first point to reach the backbone pass computes
+    the features, the others wait for its claim and load them. The user's own
+    storage.feature_cache override wins."""
+    if any(o.lstrip("+~").startswith("storage.feature_cache=") for o in point):
+        return point
+    return [f"storage.feature_cache={sweep_root.rstrip('/')}/features", *point]
+
+
 # Every path a pod reads or writes -> (the values it may take besides gs://, how to say them).
 POD_PATHS = {
     "data.train_dir": ((), ""),

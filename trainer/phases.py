@@ -44,6 +44,12 @@ class RunContext:
     jit_compile: bool | str
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+    feature_cache: str = "off"  # hit | miss | off: whether the backbone pass was skipped
+    # {local path: digest} of files staged from gs:// (their listing's size and CRC32C): the
+    # feature cache's key without reading the files again; other files are hashed.
+    digests: dict[str, str] = field(default_factory=dict)
+    # Each worker staged only the images it owns (trainer.data.owner): it must decode no other.
+    sharded_staging: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class Schedule:
     backup_every_steps: int
     feature_cache_max_mb: int
     cache_features: bool  # data.augment=false: the head may train on cached features
+    feature_cache: str | None  # storage.feature_cache: features shared across runs; None: off
+    weights: str | None  # model.weights as staged (a local path, imagenet or None): in the key
 
     @property
     def total_epochs(self) -> int:
@@ -154,12 +162,15 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
 
     log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
     started = time.perf_counter()
-    with ctx.strategy.scope():
-        extractor = feature_extractor(model)
-        extractor.compile(jit_compile=ctx.jit_compile)  # predict() follows this setting
-    features = {
-        name: extract_features(
-            extractor,
+    extractor = []  # built on the first miss only: a run whose features are all cached needs none
+
+    def backbone_pass(name: str, split: Split) -> np.ndarray:
+        if not extractor:
+            with ctx.strategy.scope():
+                extractor.append(feature_extractor(model))
+                extractor[0].compile(jit_compile=ctx.jit_compile)  # predict() follows this
+        return extract_features(
+            extractor[0],
             split,
             ctx.image_size,
             ctx.batch,
@@ -168,8 +179,15 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
             name,
             ctx.workers,
         )
-        for name, split in (("train", ctx.train), ("test", ctx.test))
-    }
+
+    features, hits = {}, []
+    for name, split in (("train", ctx.train), ("test", ctx.test)):
+        features[name], hit = _cached_features(
+            ctx, name=name, split=split, schedule=schedule, compute=backbone_pass
+        )
+        hits.append(hit)
+    if schedule.feature_cache:
+        ctx.feature_cache = "hit" if all(hits) else "miss"
     ctx.timings["backbone_pass_s"] = time.perf_counter() - started
     # The head standardizes features with the training set's statistics (trainer/model.py).
     set_feature_statistics(model, features["train"])
@@ -194,6 +212,73 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
     )
     ctx.timings["head_s"] = time.perf_counter() - started
     return Trained(fast_path=True, test_features=features["test"])
+
+
+def _cached_features(ctx: RunContext, *, name: str, split: Split, schedule: Schedule, compute):
+    """(features of `split`, whether storage.feature_cache had them). One worker: the cache's
+    claim-or-wait protocol. Several: the backbone pass is a collective, so all workers agree
+    on hit or miss first (a hit only if every worker found the entry), and the chief stores
+    what they computed together."""
+    import keras
+
+    from trainer import feature_cache
+    from trainer.model import FEATURES
+
+    if not schedule.feature_cache:
+        return compute(name, split), False
+    uri = schedule.feature_cache
+    key = feature_cache.feature_key(
+        files=feature_cache.file_digests(split.files, known=ctx.digests),
+        weights=feature_cache.weights_digest(schedule.weights, seed=ctx.seed),
+        image_size=ctx.image_size,
+        precision=keras.mixed_precision.global_policy().name,
+    )
+    load = {
+        "rows": len(split),
+        "local_dir": ctx.run_dir.feature_cache,
+        "mmap": len(split) * FEATURES * 4 > schedule.feature_cache_max_mb * 2**20,
+    }
+    if ctx.workers[0] == 1:
+        features, hit = feature_cache.cached_features(
+            uri, key, lambda: compute(name, split), **load
+        )
+    else:
+        with feature_cache.cache_errors(uri):
+            found = feature_cache.lookup(uri, key, **load)
+        hit = _on_every_worker(ctx.strategy, found is not None)
+        features = found if hit else compute(name, split)
+        if not hit and ctx.chief:
+            with feature_cache.cache_errors(uri):
+                feature_cache.store(uri, key, features)
+    if hit:
+        log.info(
+            "features of the %s set from the feature cache: %d x %d, %s/%s.npy"
+            " (backbone pass skipped)",
+            name,
+            len(split),
+            FEATURES,
+            uri,
+            key,
+        )
+    elif ctx.chief:
+        log.info("feature cache: the %s set's features stored as %s/%s.npy", name, uri, key)
+    return features, hit
+
+
+def _on_every_worker(strategy, flag: bool) -> bool:
+    """Whether `flag` holds on every worker (an all-reduce: every worker must call this)."""
+    return not any_worker(strategy, np.asarray([0.0 if flag else 1.0], dtype=np.float32))[0]
+
+
+def any_worker(strategy, flags: np.ndarray) -> np.ndarray:
+    """Element by element, whether any worker set the flag (float32 0/1): an all-reduce, so
+    every worker must call this with flags of the same shape."""
+    import tensorflow as tf
+
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(flags)), axis=None
+    )
+    return np.asarray(total) > 0
 
 
 def _head_on_images(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None:

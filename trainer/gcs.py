@@ -279,16 +279,20 @@ def stage_prefix(
     report = StageReport(len(todo), len(wanted) - len(todo), total_bytes, 0.0, objects)
     report.seconds = time.perf_counter() - started
     if todo:
-        log.info(
-            "staged %s: %d objects, %.1f MB in %.1f s (%.1f MB/s, %.0f objects/s)",
-            uri,
-            report.downloaded,
-            report.bytes / 1e6,
-            report.seconds,
-            report.mb_per_second,
-            report.objects_per_second,
-        )
+        _log_staged(uri, report)
     return report
+
+
+def _log_staged(uri: str, report: StageReport) -> None:
+    log.info(
+        "staged %s: %d objects, %.1f MB in %.1f s (%.1f MB/s, %.0f objects/s)",
+        uri,
+        report.downloaded,
+        report.bytes / 1e6,
+        report.seconds,
+        report.mb_per_second,
+        report.objects_per_second,
+    )
 
 
 class _Progress:
@@ -317,24 +321,6 @@ class _Progress:
                 self.total_bytes / 1e6,
                 self.bytes / 1e6 / (now - self.started),
             )
-
-
-def stage_dir(
-    uri: str,
-    cache_dir: str,
-    key: str,
-    *,
-    keep: Callable[[str], bool],
-    what: str,
-    workers: int = WORKERS,
-) -> str:
-    """A local folder holding the objects under `uri` that `keep` accepts (the folder itself
-    when `uri` is local); `what` names them in the error for an empty prefix."""
-    if not is_gcs(uri):
-        return uri
-    local = cache_path(cache_dir, "inputs", uri)
-    stage_prefix(uri, local, key, keep=keep, workers=workers, what=what)
-    return local
 
 
 def stage_file(uri: str, cache_dir: str, key: str, retry_seconds: float = RETRY_SECONDS) -> str:

@@ -7,7 +7,9 @@ float RGB pixels [None, H, W, 3] in 0..255. Both return probabilities, class_id,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 
@@ -39,8 +41,24 @@ def export_saved_model(model: keras.Model, classes: list[str], image_size: int, 
         "serving_default": serving.serving_default,
         "serving_pixels": serving.serving_pixels,
     }
-    tf.saved_model.save(serving, staging, signatures=signatures)
+    with _quiet_save_logs():
+        tf.saved_model.save(serving, staging, signatures=signatures)
     replace_dir(staging, path)
+
+
+@contextlib.contextmanager
+def _quiet_save_logs():
+    """TensorFlow's saver logs at INFO for every export (input names it renames, "Assets written
+    to" the temporary folder): lines about internals and a path that is renamed away next."""
+    loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class _Serving(tf.__internal__.tracking.AutoTrackable):

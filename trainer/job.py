@@ -368,4 +368,6 @@ def publish(ctx: RunContext) -> None:
     ctx.output.publish()
     where = ctx.output.uri
     log.info("exported to %s/%s", where, rundir.SAVED_MODEL)
-    log.info("TensorBoard logs: tensorboard --logdir %s/%s", where, rundir.TENSORBOARD)
+    log.info(
+        "TensorBoard logs: python -m trainer.tensorboard --logdir %s/%s", where, rundir.TENSORBOARD
+    )

@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import CLASSES, REPO, SMALL, make_folders, run_trainer, trainer_env
+from tests.conftest import CLASSES, REPO, SMALL, free_ports, make_folders, run_trainer, trainer_env
 from trainer.config import register_configs
 from trainer.job import run
 
 HIT = "from the feature cache"
 BACKBONE_PASS = "features cached: "  # extract_features' line: the backbone ran over a split
-
-
-def two_ports() -> list[int]:
-    """Two free loopback ports, for a two-worker TF_CONFIG."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return [a.getsockname()[1], b.getsockname()[1]]
 
 
 @contextlib.contextmanager
@@ -221,7 +212,7 @@ def test_two_workers_agree_on_miss_then_hit_and_give_the_same_model(tmp_path):
     cache = f"storage.feature_cache={tmp_path / 'features'}"
     logs = {}
     for name in ("first", "second"):
-        ports = two_ports()
+        ports = free_ports(2)
         with all_stopped([]) as workers:
             for index in range(2):
                 env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)}

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import corrupt_files
+from tests.conftest import corrupt_files, free_ports
 from tests.test_distribute import _finish, _serve, _tf_config, _trainer
-from tests.test_fast import all_stopped, two_ports
+from tests.test_fast import all_stopped
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
@@ -57,7 +57,7 @@ def test_two_workers_each_stage_half_the_images_and_give_the_one_worker_result(
         )
     )
     out = tmp_path / "two-workers"
-    ports = two_ports()
+    ports = free_ports(2)
     with all_stopped([]) as workers:
         for index in range(2):
             env = {"TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(tmp_path)}

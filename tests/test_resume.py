@@ -58,8 +58,9 @@ def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(trained_run, tmp_
 
 
 def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(trained_run, tmp_path):
-    """The default run (head on cached features) is preempted too: the retry computes the
-    features again and goes on from the backup's epoch, not from epoch 1."""
+    """The default run (head on cached features) is preempted too: the retry takes the
+    features from the feature cache the first attempt filled (no second backbone pass) and goes
+    on from the backup's epoch, not from epoch 1."""
     out = tmp_path / "out"
     epochs = 150  # the head's epochs take milliseconds: enough of them to be stopped mid-way
     args = [
@@ -77,7 +78,8 @@ def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(trained_run, 
     second = run_trainer(*args, cwd=tmp_path)
 
     _assert_resumed_and_exported(out, second, epochs, metadata)
-    assert "features cached: train set" in second.stdout
+    assert "features of the train set from the feature cache" in second.stdout
+    assert "features cached: train set" not in second.stdout  # no second backbone pass
 
 
 def test_sigterm_while_fine_tuning_keeps_phase_1_and_the_rerun_skips_it(trained_run, tmp_path):

@@ -364,9 +364,10 @@ def test_staging_an_image_folder_fetches_only_image_files(emulator, gcs_bucket, 
     Image.open(next(images.rglob("*.jpg"))).save(png, "PNG")
     bucket.blob("train/dog/UPPER.PNG").upload_from_string(png.getvalue())
 
-    local = Path(
-        stage_image_folder(f"gs://{gcs_bucket}/train", str(tmp_path / "cache"), "data.train_dir")
+    folder = stage_image_folder(
+        f"gs://{gcs_bucket}/train", str(tmp_path / "cache"), "data.train_dir"
     )
+    local = Path(folder.root)
 
     staged = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     expected = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))

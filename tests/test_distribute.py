@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from tests.conftest import free_ports, seconds_to_exit_after_kill, stop, wait_for_text
 from trainer import TrainerError
-from trainer.cluster import cluster_workers, indexed_job_tf_config, resolve_tf_config
+from trainer.cluster import indexed_job_tf_config, parse, resolve_tf_config
 from trainer.distribute import choose_jit_compile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_indexed_job_tf_config_is_exported_for_tensorflow():
     config = resolve_tf_config(env)
     assert json.loads(env["TF_CONFIG"]) == config
     assert config["cluster"]["worker"][0] == "hotdog-0.hotdog-workers:3000"
-    assert cluster_workers(config) == 3
+    assert parse(config).workers == 3
 
 
 def test_kubeflow_tf_config_is_used_unchanged():
@@ -85,7 +85,7 @@ def test_kubeflow_tf_config_is_used_unchanged():
     env = {"TF_CONFIG": json.dumps(tfjob), **INDEXED_JOB, "JOB_COMPLETION_INDEX": "0"}
     assert resolve_tf_config(env) == tfjob
     assert json.loads(env["TF_CONFIG"]) == tfjob
-    assert cluster_workers(tfjob) == 3
+    assert parse(tfjob).workers == 3
 
 
 def test_an_indexed_sweep_without_trainer_workers_is_not_a_cluster():

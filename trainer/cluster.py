@@ -109,11 +109,6 @@ def resolve_tf_config(env: MutableMapping[str, str] | None = None) -> dict | Non
     return config
 
 
-def cluster_workers(tf_config: dict | None) -> int:
-    """How many training tasks (chief + workers) the cluster in `tf_config` has."""
-    return parse(tf_config).workers
-
-
 def indexed_job_tf_config(env: Mapping[str, str]) -> dict | None:
     """TF_CONFIG for this pod of a Kubernetes Indexed Job, or None outside one (no TRAINER_WORKERS)
     or with a single worker. Worker i is addressed as `<job>-<i>.<service>:<port>`."""

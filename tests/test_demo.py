@@ -9,7 +9,7 @@ from tests.conftest import run_module, run_trainer
 
 def test_readme_demo_generates_data_trains_and_says_where_outputs_are(tmp_path):
     made = run_module(
-        "trainer.synthetic", "data/demo", "--train", "40", "--test", "16", cwd=tmp_path
+        "trainer.synthetic", "data/demo", "--train", "80", "--test", "32", cwd=tmp_path
     )
     assert made.returncode == 0, made.stderr
     result = run_trainer("experiment=demo", cwd=tmp_path)

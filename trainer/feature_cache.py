@@ -102,13 +102,21 @@ def weights_digest(weights: str | None, *, seed: int) -> str:
     return "md5:" + _hash_file(weights, "md5")
 
 
-def feature_key(*, files: Sequence[str], weights: str, image_size: int, precision: str) -> str:
+def feature_key(
+    *,
+    files: Sequence[str],
+    weights: str,
+    image_size: int,
+    precision: str,
+    backbone: str,
+) -> str:
     """The cache key of a split's features. `files`: `file_digests` of the split, in order;
     `weights`: `weights_digest`; `precision`: the resolved Keras policy (e.g. mixed_bfloat16),
-    not `auto`, which means different things on different machines."""
+    not `auto`, which means different things on different machines; `backbone`: how the
+    features are computed (trainer.model.backbone_kind)."""
     payload = {
         "version": VERSION,
-        "backbone": "resnet50-avg",
+        "backbone": backbone,
         "weights": weights,
         "image_size": image_size,
         "precision": precision,

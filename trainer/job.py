@@ -197,7 +197,11 @@ def build(ctx: RunContext, *, weights, dropout: float, finetune_from: str, check
     from trainer.model import build_model, finetune_start
 
     with ctx.strategy.scope():
-        model = build_model(len(ctx.classes), ctx.image_size, weights, dropout, ctx.seed)
+        # Frozen for the whole run: the folded backbone (trainer/fold.py); fine-tuning trains
+        # Keras' own layers.
+        model = build_model(
+            len(ctx.classes), ctx.image_size, weights, dropout, ctx.seed, fold=not check_finetune
+        )
     if check_finetune:
         finetune_start(model, finetune_from)  # a bad layer name fails now, not after phase 1
     return model

@@ -158,7 +158,7 @@ def train_phases(
 
 def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) -> Trained:
     from trainer.features import extract_features, feature_dataset
-    from trainer.model import feature_extractor, set_feature_statistics
+    from trainer.model import backbone_kind, feature_extractor, set_feature_statistics
 
     log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
     started = time.perf_counter()
@@ -183,7 +183,12 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
     features, hits = {}, []
     for name, split in (("train", ctx.train), ("test", ctx.test)):
         features[name], hit = _cached_features(
-            ctx, name=name, split=split, schedule=schedule, compute=backbone_pass
+            ctx,
+            name=name,
+            split=split,
+            schedule=schedule,
+            backbone=backbone_kind(model),
+            compute=backbone_pass,
         )
         hits.append(hit)
     if schedule.feature_cache:
@@ -214,7 +219,9 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
     return Trained(fast_path=True, test_features=features["test"])
 
 
-def _cached_features(ctx: RunContext, *, name: str, split: Split, schedule: Schedule, compute):
+def _cached_features(
+    ctx: RunContext, *, name: str, split: Split, schedule: Schedule, backbone: str, compute
+):
     """(features of `split`, whether storage.feature_cache had them). One worker: the cache's
     claim-or-wait protocol. Several: the backbone pass is a collective, so all workers agree
     on hit or miss first (a hit only if every worker found the entry), and the chief stores
@@ -232,6 +239,7 @@ def _cached_features(ctx: RunContext, *, name: str, split: Split, schedule: Sche
         weights=feature_cache.weights_digest(schedule.weights, seed=ctx.seed),
         image_size=ctx.image_size,
         precision=keras.mixed_precision.global_policy().name,
+        backbone=backbone,
     )
     load = {
         "rows": len(split),

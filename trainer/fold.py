@@ -1,0 +1,206 @@
+"""The frozen backbone's inference graph, with each BatchNormalization folded into its conv.
+
+A frozen ResNet50 in inference mode computes, at every BatchNormalization, a fixed per-channel
+scale and shift of the convolution before it. Folding them into that convolution's kernel and
+bias (kernel x gamma / sqrt(variance + epsilon); (bias - mean) x that + beta) gives the same
+function with 53 fewer layers, and lets TensorFlow fuse each conv with its bias, add and ReLU.
+Keras' own BatchNormalization also computes in float32 under a bfloat16 policy, casting the
+activations there and back at every layer. On a 2-core AVX512_BF16 CPU the folded graph ran
+ResNet50 at 160 px 1.7x as fast as Keras' (docs/performance.md).
+
+`fold_backbone` turns a Keras ResNet50 (weights loaded) into a `FoldedBackbone` layer: the same
+inputs and pooled outputs, its weights stored in the compute dtype and never trained. The job
+uses it whenever the backbone stays frozen for the whole run: the backbone pass, training on
+images and the exported model all compute the features the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of the folded graph: `kind` applied to the `inputs` slots, into `output`."""
+
+    kind: str  # conv | relu | add | pad | max_pool | mean
+    name: str
+    inputs: tuple[int, ...]
+    output: int
+    attrs: tuple = ()
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class FoldedBackbone(keras.layers.Layer):
+    """Preprocessed pixels [N, S, S, 3] -> pooled float32 features [N, width]: a folded Keras
+    backbone (see `fold_backbone`). Its kernels and biases are non-trainable weights in the
+    layer's compute dtype (bfloat16 under mixed_bfloat16), so no cast runs per batch."""
+
+    def __init__(self, steps: list[Step], shapes: dict[str, tuple], width: int, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.steps = list(steps)
+        self.shapes = dict(shapes)  # conv name -> kernel shape
+        self.width = width
+        self.kernels: dict[str, keras.Variable] = {}
+        self.biases: dict[str, keras.Variable] = {}
+
+    def build(self, input_shape):
+        for name, shape in self.shapes.items():
+            self.kernels[name] = self.add_weight(
+                shape=shape,
+                initializer="zeros",
+                dtype=self.compute_dtype,
+                name=f"{name}_kernel",
+                trainable=False,
+                autocast=False,
+            )
+            self.biases[name] = self.add_weight(
+                shape=(shape[-1],),
+                initializer="zeros",
+                dtype=self.compute_dtype,
+                name=f"{name}_bias",
+                trainable=False,
+                autocast=False,
+            )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.width)
+
+    def call(self, pixels):
+        values = {0: pixels}
+        for step in self.steps:
+            args = [values[i] for i in step.inputs]
+            values[step.output] = self._apply(step, args)
+        return values[self.steps[-1].output]
+
+    def _apply(self, step: Step, args: list):
+        x = args[0]
+        if step.kind == "conv":
+            strides, padding = step.attrs
+            kernel, bias = self.kernels[step.name].value, self.biases[step.name].value
+            return tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides, padding), bias)
+        if step.kind == "relu":
+            return tf.nn.relu(x)
+        if step.kind == "add":
+            return tf.add_n(args)
+        if step.kind == "pad":
+            (top, bottom), (left, right) = step.attrs
+            return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        if step.kind == "max_pool":
+            size, strides, padding = step.attrs
+            return tf.nn.max_pool2d(x, size, strides, padding)
+        # "mean": global average pooling, summed in float32 (the head's dtype)
+        return tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2])
+
+    def assign(self, params: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        for name, (kernel, bias) in params.items():
+            self.kernels[name].assign(kernel.astype(self.compute_dtype))
+            self.biases[name].assign(bias.astype(self.compute_dtype))
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A folded backbone's graph, its convs' (kernel, bias) in float32 and its output width:
+    plain data, so one process can build many layers from it (a sweep's points)."""
+
+    steps: list[Step]
+    params: dict[str, tuple[np.ndarray, np.ndarray]]
+    width: int
+
+
+def fold(backbone: keras.Model) -> Folded:
+    """The folded graph of `backbone` (a functional Keras model of Conv2D, BatchNormalization
+    after a conv, ReLU, Add, ZeroPadding2D, MaxPooling2D and GlobalAveragePooling2D, as Keras'
+    ResNet50 is) and each conv's folded (kernel, bias) in float32."""
+    consumers: dict[int, int] = {}
+    for layer in backbone.layers:
+        for tensor in _inputs(layer):
+            consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+    slots = {id(backbone.inputs[0]): 0}
+    steps, params, folded = [], {}, {}  # folded: BN output id -> the conv slot it becomes
+
+    def slot(tensor) -> int:
+        return slots.setdefault(id(tensor), len(slots))
+
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        inputs = _inputs(layer)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            conv = folded.pop(id(inputs[0]), None)
+            if conv is None or consumers[id(inputs[0])] != 1:
+                raise ValueError(
+                    f"{layer.name}: only a BatchNormalization right after a conv folds"
+                )
+            kernel, bias = params[conv]
+            gamma, beta, mean, variance = (w.numpy().astype(np.float64) for w in layer.weights)
+            scale = gamma / np.sqrt(variance + layer.epsilon)
+            params[conv] = (
+                (kernel * scale).astype(np.float32),
+                ((bias - mean) * scale + beta).astype(np.float32),
+            )
+            slots[id(layer.output)] = slots[id(inputs[0])]
+            continue
+        out = slot(layer.output)
+        args = tuple(slots[id(t)] for t in inputs)
+        steps.append(_step(layer, args, out))
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = layer.kernel.numpy().astype(np.float64)
+            bias = layer.bias.numpy() if layer.use_bias else np.zeros(kernel.shape[-1])
+            params[layer.name] = (kernel, bias.astype(np.float64))
+            folded[id(layer.output)] = layer.name
+    params = {
+        name: (np.asarray(k, np.float32), np.asarray(b, np.float32))
+        for name, (k, b) in params.items()
+    }
+    return Folded(steps, params, int(backbone.outputs[0].shape[-1]))
+
+
+def _inputs(layer) -> list:
+    inputs = layer.input
+    return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+
+
+def _step(layer, args: tuple[int, ...], out: int) -> Step:
+    name = layer.name
+    if isinstance(layer, keras.layers.Conv2D):
+        if (
+            layer.dilation_rate != (1, 1)
+            or layer.groups != 1
+            or layer.activation.__name__ != "linear"
+        ):
+            raise ValueError(f"{name}: only plain convolutions fold")
+        return Step("conv", name, args, out, (layer.strides, layer.padding.upper()))
+    if isinstance(layer, keras.layers.Activation) and layer.activation.__name__ == "relu":
+        return Step("relu", name, args, out)
+    if isinstance(layer, keras.layers.Add):
+        return Step("add", name, args, out)
+    if isinstance(layer, keras.layers.ZeroPadding2D):
+        return Step("pad", name, args, out, tuple(tuple(p) for p in layer.padding))
+    if isinstance(layer, keras.layers.MaxPooling2D):
+        return Step(
+            "max_pool", name, args, out, (layer.pool_size, layer.strides, layer.padding.upper())
+        )
+    if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+        return Step("mean", name, args, out)
+    raise ValueError(f"{name}: a {type(layer).__name__} layer does not fold")
+
+
+def folded_layer(folded: Folded, input_shape: tuple, name: str = "backbone") -> FoldedBackbone:
+    """A built `FoldedBackbone` holding `folded`'s weights. Call it inside the strategy's scope,
+    under the precision policy the run uses: its weights are created there, in that policy's
+    compute dtype."""
+    shapes = {name: kernel.shape for name, (kernel, _) in folded.params.items()}
+    layer = FoldedBackbone(folded.steps, shapes, folded.width, name=name)
+    layer.build(input_shape)
+    layer.assign(folded.params)
+    return layer
+
+
+def fold_backbone(backbone: keras.Model, name: str = "backbone") -> FoldedBackbone:
+    """A `FoldedBackbone` computing what `backbone` (frozen, inference mode) computes."""
+    return folded_layer(fold(backbone), tuple(backbone.inputs[0].shape), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,23 @@ def test_undecodable_files_are_found_and_left_out(tmp_path, caplog):
     assert "skipping 3 undecodable image(s) in the training set" in caplog.text
     for path in bad:
         assert str(path) in caplog.text
+
+
+def test_a_file_probed_earlier_in_the_process_is_probed_again_once_it_changed(tmp_path):
+    """A local sweep's points share one process and the probe's findings: a file that breaks
+    (or is fixed) between two points is judged as it is now."""
+    train_dir, _ = make_folders(tmp_path, train=4, test=1)
+    _, split, _ = load_splits(str(train_dir), str(tmp_path / "test"), 0.2, seed=0)
+    assert len(drop_bad_images(split, "training", fail=False)) == len(split)
+
+    broken = Path(split.files[0])
+    original = broken.read_bytes()
+    broken.write_bytes(original[: len(original) // 2])  # truncated in place
+    kept = drop_bad_images(split, "training", fail=False)
+    assert str(broken) not in kept.files and len(kept) == len(split) - 1
+
+    broken.write_bytes(original)  # fixed again
+    assert len(drop_bad_images(split, "training", fail=False)) == len(split)
 
 
 def test_corrupt_images_are_skipped_and_reported_by_the_job(trained_run):

@@ -182,9 +182,33 @@ def load_splits(
     return classes, _to_split(kept, classes), _to_split(held, classes)
 
 
+# What the probe found, by (path, size, modification time): None for a good file, else why it
+# is bad. A local sweep's points run in one process, and those after the first probe nothing.
+_PROBED: dict[tuple[str, int, int], str | None] = {}
+
+
 def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
     """(path, reason) for each file that `decode_image` (the decoder training and serving use)
-    cannot read and decode, checked in parallel."""
+    cannot read and decode, checked in parallel; files this process probed before, unchanged
+    since, are not decoded again."""
+    keys = [_file_key(path) for path in files]
+    new = [i for i, key in enumerate(keys) if key not in _PROBED]
+    if new:
+        reasons = _probe([files[i] for i in new])
+        _PROBED.update({keys[i]: reasons.get(files[i]) for i in new})
+    return [(path, _PROBED[key]) for path, key in zip(files, keys, strict=True) if _PROBED[key]]
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (path, -1, -1)
+    return (path, stat.st_size, stat.st_mtime_ns)
+
+
+def _probe(files: list[str]) -> dict[str, str]:
+    """{path: reason} of the files of `files` that do not decode."""
     import tensorflow as tf
 
     def probe(index, path):
@@ -196,7 +220,7 @@ def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     ds = ds.map(lambda index, total: index).batch(1024).prefetch(tf.data.AUTOTUNE)
     good = {int(index) for batch in ds.as_numpy_iterator() for index in batch}
-    bad = []
+    bad = {}
     for index in sorted(set(range(len(files))) - good):
         try:  # decode the few bad ones again, eagerly, for the reason
             decode_image(tf.io.read_file(files[index]), PROBE_SIZE)
@@ -204,7 +228,7 @@ def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
         except (tf.errors.OpError, ValueError) as error:
             reason = getattr(error, "message", str(error)).strip().splitlines()[0]
             reason = reason.split("]")[-1].strip() or "undecodable"
-        bad.append((files[index], reason))
+        bad[files[index]] = reason
     return bad
 
 

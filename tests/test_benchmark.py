@@ -36,6 +36,8 @@ CONTEXT = {
     "skipped",
     "floor_batch_size",
     "floor_cpu_s",
+    "floor_folded_s",
+    "floor_folded_cpu_s",
     "trainer_cpu_s",
     "keras_guide_cpu_s",
     "seed_recipe_cpu_s",
@@ -105,6 +107,10 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     assert figures["trainer_feature_cache"] == "miss"  # a first run: the backbone pass ran
     assert figures["trainer_startup_s"] < figures["trainer_s"]
     assert "| trainer (`python -m trainer`) |" in stdout  # the markdown table
+    # The trainer's own backbone (BatchNorm folded), timed beside Keras' on the same pixels
+    assert figures["floor_folded_s"] > 0 and figures["floor_folded_cpu_s"] > 0
+    assert "| the same, BatchNorm folded (the trainer's backbone) (batch" in stdout
+    assert "Not a target: trainer_s / floor_folded_s = " in stdout
 
 
 def test_benchmark_sweep_row_runs_the_backbone_once_and_skipped_rows_are_left_out(tmp_path):

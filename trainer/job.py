@@ -96,7 +96,7 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
         check_finetune=bool(t.finetune_epochs),
     )
     images = image_pipelines(ctx, augment=cfg.data.augment)
-    write_sample_batch(ctx, images=images)
+    write_sample_batch(ctx, augment=cfg.data.augment)
     schedule = schedule_of(cfg, weights=weights)
     from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
 
@@ -207,23 +207,26 @@ def build(ctx: RunContext, *, weights, dropout: float, finetune_from: str, check
     return model
 
 
-def write_sample_batch(ctx: RunContext, *, images) -> None:
-    """The first 16 training images, as the model sees them, in TensorBoard."""
+def write_sample_batch(ctx: RunContext, *, augment: bool) -> None:
+    """16 training images (a seeded sample, of this worker's own images under sharded
+    staging), as the model sees them (decoded, resized, augmented if it is), in TensorBoard.
+    Their own small pipeline: the first batch of the training pipeline would decode its read-ahead
+    too, ~100 images, at every sweep point."""
     from trainer import tensorboard
     from trainer.data import image_dataset
 
-    train = images.train
-    if ctx.sharded_staging:  # this worker holds only its own images: 16 of those
+    rows = np.arange(len(ctx.train))
+    if ctx.sharded_staging:  # this worker holds only its own images
         workers, index = ctx.workers
-        own = [i for i, path in enumerate(ctx.train.files) if owner(path, workers) == index]
-        if not own:
+        rows = np.asarray([i for i in rows if owner(ctx.train.files[i], workers) == index])
+        if not len(rows):
             return
-        rows = np.random.default_rng(ctx.seed).permutation(own)[:16]
-        train = image_dataset(ctx.train.subset(rows), ctx.image_size, 16)
-    sample_x, sample_y = next(iter(train.take(1)))
-    tensorboard.write_sample_batch(
-        ctx.run_dir.tensorboard, sample_x[:16], sample_y[:16].numpy(), ctx.classes
+    rows = np.random.default_rng(ctx.seed).permutation(rows)[:16]
+    sample = image_dataset(
+        ctx.train.subset(rows), ctx.image_size, 16, augment=augment, seed=ctx.seed
     )
+    sample_x, sample_y = next(iter(sample))
+    tensorboard.write_sample_batch(ctx.run_dir.tensorboard, sample_x, sample_y.numpy(), ctx.classes)
 
 
 def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:

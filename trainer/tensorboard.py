@@ -86,8 +86,8 @@ def write_sample_batch(log_dir: str, images, labels, classes: list[str]) -> None
             "sample_training_batch",
             _grid(_to_uint8(images), captions)[None],
             step=0,
-            description="First training batch (after decoding, resizing and any "
-            "augmentation) with its labels.",
+            description="16 training images (a seeded sample) after decoding, resizing and "
+            "any augmentation, with their labels.",
         )
 
 

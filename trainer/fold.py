@@ -3,10 +3,10 @@
 A frozen ResNet50 in inference mode computes, at every BatchNormalization, a fixed per-channel
 scale and shift of the convolution before it. Folding them into that convolution's kernel and
 bias (kernel x gamma / sqrt(variance + epsilon); (bias - mean) x that + beta) gives the same
-function with 53 fewer layers, and lets TensorFlow fuse each conv with its bias, add and ReLU.
-Keras' own BatchNormalization also computes in float32 under a bfloat16 policy, casting the
-activations there and back at every layer. On a 2-core AVX512_BF16 CPU the folded graph ran
-ResNet50 at 160 px 1.7x as fast as Keras' (docs/performance.md).
+function with 53 fewer layers, and lets TensorFlow fuse each conv with its bias and ReLU.
+(Keras' BatchNormalization also upcasts bfloat16 activations to float32 and back at every
+layer.) On a 2-core AVX512_BF16 CPU the folded graph ran ResNet50 at 160 px 1.7x as fast as
+Keras' (docs/performance.md).
 
 `fold_backbone` turns a Keras ResNet50 (weights loaded) into a `FoldedBackbone` layer: the same
 inputs and pooled outputs, its weights stored in the compute dtype and never trained. The job

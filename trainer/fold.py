@@ -34,11 +34,11 @@ class Step:
     attrs: tuple = ()
 
 
-@keras.saving.register_keras_serializable(package="trainer")
 class FoldedBackbone(keras.layers.Layer):
     """Preprocessed pixels [N, S, S, 3] -> pooled float32 features [N, width]: a folded Keras
     backbone (see `fold_backbone`). Its kernels and biases are non-trainable weights in the
-    layer's compute dtype (bfloat16 under mixed_bfloat16), so no cast runs per batch."""
+    layer's compute dtype (bfloat16 under mixed_bfloat16), so no cast runs per batch. It is
+    saved as weights (backups) and in the SavedModel, never as a Keras config: it has none."""
 
     def __init__(self, steps: list[Step], shapes: dict[str, tuple], width: int, **kwargs):
         super().__init__(trainable=False, **kwargs)

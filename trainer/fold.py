@@ -137,7 +137,7 @@ def fold(backbone: keras.Model) -> Folded:
                     f"{layer.name}: only a BatchNormalization right after a conv folds"
                 )
             kernel, bias = params[conv]
-            gamma, beta, mean, variance = (w.numpy().astype(np.float64) for w in layer.weights)
+            gamma, beta, mean, variance = _batchnorm_weights(layer)
             scale = gamma / np.sqrt(variance + layer.epsilon)
             params[conv] = (
                 (kernel * scale).astype(np.float32),
@@ -158,6 +158,15 @@ def fold(backbone: keras.Model) -> Folded:
         for name, (k, b) in params.items()
     }
     return Folded(steps, params, int(backbone.outputs[0].shape[-1]))
+
+
+def _batchnorm_weights(layer) -> tuple[np.ndarray, ...]:
+    """gamma, beta, moving mean and moving variance in float64 (gamma 1 and beta 0 where the
+    layer has none)."""
+    mean = layer.moving_mean.numpy().astype(np.float64)
+    gamma = layer.gamma.numpy().astype(np.float64) if layer.scale else np.ones_like(mean)
+    beta = layer.beta.numpy().astype(np.float64) if layer.center else np.zeros_like(mean)
+    return gamma, beta, mean, layer.moving_variance.numpy().astype(np.float64)
 
 
 def _inputs(layer) -> list:
@@ -194,7 +203,7 @@ def folded_layer(folded: Folded, input_shape: tuple, name: str = "backbone") -> 
     """A built `FoldedBackbone` holding `folded`'s weights. Call it inside the strategy's scope,
     under the precision policy the run uses: its weights are created there, in that policy's
     compute dtype."""
-    shapes = {name: kernel.shape for name, (kernel, _) in folded.params.items()}
+    shapes = {conv: kernel.shape for conv, (kernel, _) in folded.params.items()}
     layer = FoldedBackbone(folded.steps, shapes, folded.width, name=name)
     layer.build(input_shape)
     layer.assign(folded.params)

@@ -118,7 +118,7 @@ def main() -> None:
 
 
 def _leave(code: int) -> None:
-    """Exit at once once the job is done: the interpreter's teardown of TensorFlow's objects
+    """Exit as soon as the job is done: the interpreter's teardown of TensorFlow's objects
     took ~1 s after the last line and does nothing a user needs (outputs are published, their
     writers closed). Log handlers (train.log) and both streams are flushed first."""
     logging.shutdown()

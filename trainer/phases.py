@@ -157,43 +157,11 @@ def train_phases(
 
 
 def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) -> Trained:
-    from trainer.features import extract_features, feature_dataset
-    from trainer.model import backbone_kind, feature_extractor, set_feature_statistics
+    from trainer.features import feature_dataset
+    from trainer.model import set_feature_statistics
 
     log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
-    started = time.perf_counter()
-    extractor = []  # built on the first miss only: a run whose features are all cached needs none
-
-    def backbone_pass(name: str, split: Split) -> np.ndarray:
-        if not extractor:
-            with ctx.strategy.scope():
-                extractor.append(feature_extractor(model))
-                extractor[0].compile(jit_compile=ctx.jit_compile)  # predict() follows this
-        return extract_features(
-            extractor[0],
-            split,
-            ctx.image_size,
-            ctx.batch,
-            schedule.feature_cache_max_mb,
-            ctx.run_dir.feature_cache,
-            name,
-            ctx.workers,
-        )
-
-    features, hits = {}, []
-    for name, split in (("train", ctx.train), ("test", ctx.test)):
-        features[name], hit = _cached_features(
-            ctx,
-            name=name,
-            split=split,
-            schedule=schedule,
-            backbone=backbone_kind(model),
-            compute=backbone_pass,
-        )
-        hits.append(hit)
-    if schedule.feature_cache:
-        ctx.feature_cache = "hit" if all(hits) else "miss"
-    ctx.timings["backbone_pass_s"] = time.perf_counter() - started
+    features = _backbone_features(ctx, model=model, schedule=schedule)
     # The head standardizes features with the training set's statistics (trainer/model.py).
     set_feature_statistics(model, features["train"])
     started = time.perf_counter()
@@ -219,28 +187,76 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
     return Trained(fast_path=True, test_features=features["test"])
 
 
+def _backbone_features(ctx: RunContext, *, model, schedule: Schedule) -> dict[str, np.ndarray]:
+    """{"train": ..., "test": ...}: each split's pooled features, from storage.feature_cache or
+    one backbone pass; records whether the cache had them all and the seconds it took."""
+    from trainer.features import extract_features
+    from trainer.model import feature_extractor
+
+    started = time.perf_counter()
+    extractor = []  # built on the first miss only: a run whose features are all cached needs none
+
+    def backbone_pass(name: str, split: Split) -> np.ndarray:
+        if not extractor:
+            with ctx.strategy.scope():
+                extractor.append(feature_extractor(model))
+                extractor[0].compile(jit_compile=ctx.jit_compile)  # predict() follows this
+        return extract_features(
+            extractor[0],
+            split,
+            ctx.image_size,
+            ctx.batch,
+            schedule.feature_cache_max_mb,
+            ctx.run_dir.feature_cache,
+            name,
+            ctx.workers,
+        )
+
+    key_of = _key_of(ctx, model=model, schedule=schedule) if schedule.feature_cache else None
+    features, hits = {}, []
+    for name, split in (("train", ctx.train), ("test", ctx.test)):
+        features[name], hit = _cached_features(
+            ctx, name=name, split=split, schedule=schedule, key_of=key_of, compute=backbone_pass
+        )
+        hits.append(hit)
+    if schedule.feature_cache:
+        ctx.feature_cache = "hit" if all(hits) else "miss"
+    ctx.timings["backbone_pass_s"] = time.perf_counter() - started
+    return features
+
+
+def _key_of(ctx: RunContext, *, model, schedule: Schedule):
+    """split -> its feature cache key. What the splits share is computed once: the weights'
+    digest reads the whole weights file."""
+    import keras
+
+    from trainer import feature_cache
+    from trainer.model import backbone_kind
+
+    key = functools.partial(
+        feature_cache.feature_key,
+        weights=feature_cache.weights_digest(schedule.weights, seed=ctx.seed),
+        image_size=ctx.image_size,
+        precision=keras.mixed_precision.global_policy().name,
+        backbone=backbone_kind(model),
+    )
+    return lambda split: key(files=feature_cache.file_digests(split.files, known=ctx.digests))
+
+
 def _cached_features(
-    ctx: RunContext, *, name: str, split: Split, schedule: Schedule, backbone: str, compute
+    ctx: RunContext, *, name: str, split: Split, schedule: Schedule, key_of, compute
 ):
     """(features of `split`, whether storage.feature_cache had them). One worker: the cache's
     claim-or-wait protocol. Several: the backbone pass is a collective, so all workers agree
     on hit or miss first (a hit only if every worker found the entry), and the chief stores
     what they computed together."""
-    import keras
-
     from trainer import feature_cache
     from trainer.model import FEATURES
 
     if not schedule.feature_cache:
         return compute(name, split), False
     uri = schedule.feature_cache
-    key = feature_cache.feature_key(
-        files=feature_cache.file_digests(split.files, known=ctx.digests),
-        weights=feature_cache.weights_digest(schedule.weights, seed=ctx.seed),
-        image_size=ctx.image_size,
-        precision=keras.mixed_precision.global_policy().name,
-        backbone=backbone,
-    )
+    key = key_of(split)
     load = {
         "rows": len(split),
         "local_dir": ctx.run_dir.feature_cache,

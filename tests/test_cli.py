@@ -118,6 +118,31 @@ def test_on_a_gpu_machine_cuda_lines_still_show():
     assert not _is_noise("E0000 00:00:1.0 1 op.cc:1] some other error", 2, gpu_machine=False)
 
 
+def test_tensorflow_loads_without_the_optional_packages_the_trainer_never_uses(tmp_path):
+    # scikit-learn and SciPy come with ".[dev]": Keras and TensorFlow would import them at
+    # start-up (~0.5 s), as they would IPython where installed, for features the trainer never
+    # uses. The trainer's commands import TensorFlow without them; later imports still work.
+    script = (
+        "import sys\n"
+        "from trainer.quiet import OPTIONAL_IMPORTS, quiet_tensorflow_startup\n"
+        "quiet_tensorflow_startup()\n"
+        "import keras\n"  # as the job does: keras first, which imports tensorflow
+        "print(sorted(n for n in OPTIONAL_IMPORTS if n in sys.modules))\n"
+        "import sklearn.linear_model\n"
+        "print(keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "(1, 2)"]
+
+
 def test_trainer_help_says_what_it_is_as_the_user_types_it(tmp_path):
     # The console script `trainer` calls trainer.__main__:main with argv[0] "trainer".
     console_script = "import sys, trainer.__main__ as m; sys.argv[0] = 'trainer'; m.main()"

@@ -1,4 +1,5 @@
-"""TensorFlow's C++ start-up lines, kept off the terminal of the trainer's commands.
+"""TensorFlow's start-up in the trainer's commands: its C++ lines kept off the terminal, and
+the optional packages that TensorFlow and Keras would import for nothing left out.
 
 `import tensorflow` (2.21) prints absl's "All log messages before absl::InitializeLog() ..." banner
 and INFO lines (oneDNN, "Could not find cuda drivers"), once per library that carries its own
@@ -6,6 +7,12 @@ absl; its first device listing then logs an error-level "failed call to cuInit" 
 without a GPU. The INFO lines come from C++ before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so no
 setting hides them: while TensorFlow loads and lists its devices, the process's stderr (fd 2)
 goes to a temporary file, and every line but those is written back afterwards.
+
+When installed, IPython, scikit-learn and SciPy are imported along with Keras and TensorFlow (for
+Keras' notebook check, Keras' scikit-learn wrappers and tf.keras v1's sparse-input check), each
+inside a try/except ImportError, and none is used by the trainer. scikit-learn and SciPy come with
+`pip install -e ".[dev]"`: they made every start ~0.5 s slower there, ~1 s with IPython too. While
+TensorFlow loads they are hidden (`OPTIONAL_IMPORTS`); afterwards they import as usual.
 """
 
 from __future__ import annotations
@@ -23,23 +30,29 @@ from collections.abc import Callable, Iterator
 _BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _SEVERITY = re.compile(r"([IWEF])\d{4} ")  # absl's prefix: I0000 00:00:1795851835.99 ...
 _LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3
+# Imported by Keras or TensorFlow only if installed, used by neither in the trainer.
+OPTIONAL_IMPORTS = ("IPython", "sklearn", "scipy")
+# Whichever of the two is imported first imports the other: the job imports keras first.
+_FIRST = ("tensorflow", "keras")
 
 
 def quiet_tensorflow_startup() -> None:
-    """Call before anything imports TensorFlow: its start-up lines below TF_CPP_MIN_LOG_LEVEL
-    (default 2, errors only) are dropped, and so is cuInit's error on a machine without GPUs.
-    On a machine with /dev/nvidia* every line that mentions CUDA still shows."""
+    """Call before anything imports TensorFlow or Keras: its start-up lines below
+    TF_CPP_MIN_LOG_LEVEL (default 2, errors only) are dropped, and so is cuInit's error on a
+    machine without GPUs; `OPTIONAL_IMPORTS` are not imported with it. On a machine with
+    /dev/nvidia* every line that mentions CUDA still shows."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         min_level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
     except ValueError:
         min_level = 0
-    if min_level <= 0 or "tensorflow" in sys.modules:
-        return  # the user asked for everything, or it is too late
+    if any(name in sys.modules for name in _FIRST):
+        return  # too late
     if any(isinstance(finder, _QuietImport) for finder in sys.meta_path):
         return
     gpu_machine = bool(glob.glob("/dev/nvidia*"))
-    sys.meta_path.insert(0, _QuietImport(lambda line: _is_noise(line, min_level, gpu_machine)))
+    drop = None if min_level <= 0 else lambda line: _is_noise(line, min_level, gpu_machine)
+    sys.meta_path.insert(0, _QuietImport(drop))  # TF_CPP_MIN_LOG_LEVEL=0: nothing dropped
 
 
 def _is_noise(line: str, min_level: int, gpu_machine: bool) -> bool:
@@ -55,14 +68,18 @@ def _is_noise(line: str, min_level: int, gpu_machine: bool) -> bool:
     return not gpu_machine and "failed call to cuInit" in line
 
 
-class _QuietImport(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` once, with a loader that filters stderr while the module runs."""
+_Drop = Callable[[str], bool] | None  # which stderr lines to drop; None: stderr untouched
 
-    def __init__(self, drop: Callable[[str], bool]):
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` or `keras`, whichever comes first, once, with a loader that filters
+    stderr and hides `OPTIONAL_IMPORTS` while the module (and the other, which it imports) runs."""
+
+    def __init__(self, drop: _Drop):
         self.drop = drop
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name not in _FIRST:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -72,7 +89,7 @@ class _QuietImport(importlib.abc.MetaPathFinder):
 
 
 class _QuietLoader(importlib.abc.Loader):
-    def __init__(self, loader, drop: Callable[[str], bool]):
+    def __init__(self, loader, drop: _Drop):
         self.loader = loader
         self.drop = drop
 
@@ -80,14 +97,32 @@ class _QuietLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        with _stderr_filtered(self.drop):
+        filtered = contextlib.nullcontext() if self.drop is None else _stderr_filtered(self.drop)
+        with filtered, _hidden(OPTIONAL_IMPORTS):
             self.loader.exec_module(module)
+            import tensorflow as tf
+
             # The first device listing is where CUDA is initialized (and cuInit fails without
             # a GPU); doing it now changes nothing else: devices are listed once per process.
-            module.config.list_physical_devices()
+            tf.config.list_physical_devices()
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
+
+
+@contextlib.contextmanager
+def _hidden(names: tuple[str, ...]) -> Iterator[None]:
+    """`import name` raises ImportError inside the block for each of `names` not yet imported
+    (a None entry in sys.modules), and works again after it."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 @contextlib.contextmanager

@@ -386,8 +386,8 @@ STARTUP = "import TensorFlow, start the runtime"  # ends at the first image deco
 _MILESTONES = (
     ("start-up: Python, Hydra, config, file listing", "found "),
     (STARTUP, "scanning "),
-    ("scan files for bad images", "batch size:"),
-    ("build model, TensorBoard sample batch", "fast path:"),
+    ("build model (the bad-image scan decodes meanwhile)", "batch size:"),
+    ("TensorBoard sample batch", "fast path:"),
     ("backbone pass: train set", "features cached: train"),
     ("backbone pass: test set", "features cached: test"),
     ("head training", "epoch "),  # the last epoch line is used

@@ -1,14 +1,15 @@
 """The job's inputs: which share of the images this worker stages, the staging itself, the
 class folders split into file lists, and the undecodable images left out (agreed between workers).
 
-Everything but `drop_undecodable` runs before TensorFlow is imported, so a wrong path or an
-empty folder answers in a second.
+Everything but the bad-image scan (`start_scan`, `drop_undecodable`) runs before TensorFlow is
+imported, so a wrong path or an empty folder answers in a second.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -83,17 +84,36 @@ def listing_digests(*folders: Folder | None) -> dict[str, str]:
     }
 
 
-def drop_undecodable(split: Split, *, name: str, fail: bool, strategy, share) -> Split:
-    """drop_bad_images; with a staged `share`, each worker probes the images it owns and the
-    workers agree on the bad ones (an all-reduce), so every worker keeps the same files."""
-    from trainer.data import drop_bad_images, find_bad_images
-    from trainer.phases import any_worker
+def start_scan(splits: tuple[Split, ...], *, share: tuple[int, int]) -> Future:
+    """The bad-image scan of this worker's images of `splits` (all of them unless staging is
+    sharded), on a thread of its own: its decoding runs in tf.data's threads while the main
+    thread builds the model, which is Python. The future's result: {path: reason} of the files
+    that do not decode. The scan is local: the workers agree afterwards (`drop_undecodable`)."""
+    from trainer.data import find_bad_images
 
     workers, index = share
-    if workers == 1:
-        return drop_bad_images(split, name, fail)
-    mine = [i for i, path in enumerate(split.files) if owner(path, workers) == index]
-    found = dict(find_bad_images([split.files[i] for i in mine])) if mine else {}
+    files = [path for split in splits for path in split.files if owner(path, workers) == index]
+    # The first images decoded: scripts/benchmark.py's start-up ends at this line.
+    log.info("scanning %d images for undecodable files", len(files))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bad-image-scan")
+    try:
+        return pool.submit(lambda: dict(find_bad_images(files)) if files else {})
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the scan
+
+
+def drop_undecodable(
+    split: Split, *, name: str, fail: bool, strategy, share, found: dict[str, str]
+) -> Split:
+    """drop_bad_images with what the scan `found` ({path: reason}, `start_scan`); with a
+    staged `share`, each worker scanned the images it owns and the workers agree on the bad
+    ones (an all-reduce), so every worker keeps the same files."""
+    from trainer.data import drop_bad_images
+    from trainer.phases import any_worker
+
+    if share[0] == 1:
+        bad = [(path, found[path]) for path in split.files if path in found]
+        return drop_bad_images(split, name, fail, bad=bad)
     flags = np.asarray([path in found for path in split.files], dtype=np.float32)
     agreed = any_worker(strategy, flags)
     other = "undecodable; found by another worker"

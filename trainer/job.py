@@ -7,6 +7,7 @@ train phases (head on cached features | head on images; optional fine-tune; trai
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -23,9 +24,10 @@ from trainer.inputs import (
     split_data,
     stage_inputs,
     staging_share,
+    start_scan,
 )
 from trainer.output import Output
-from trainer.phases import RunContext, Schedule, image_pipelines, train_phases
+from trainer.phases import RunContext, Schedule, train_phases
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ def run(cfg: DictConfig) -> dict:
     # every way out (Keras' callbacks and the export need somewhere to write on every worker).
     scratch = None if chief else rundir.worker_scratch()
     try:
+        # The scan decodes in tf.data's threads while this thread builds the model.
+        scan = start_scan((train, test), share=share)
+        model = build(strategy=strategy, cfg=cfg, classes=len(classes), weights=weights)
         ctx = make_context(
             output=output,
             work_dir=scratch or output.local_dir,
@@ -72,30 +77,23 @@ def run(cfg: DictConfig) -> dict:
             strategy=strategy,
             classes=classes,
             splits=(train, test),
+            found=scan.result(),
             data=d,
             jit_compile=t.jit_compile,
             seed=cfg.seed,
             share=share,
             digests=listing_digests(train_dir, test_dir),
         )
-        return train_and_export(ctx, cfg=cfg, weights=weights, started=started)
+        return train_and_export(ctx, model=model, cfg=cfg, weights=weights, started=started)
     finally:
         output.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: float) -> dict:
-    """Build the model, train its phases, evaluate, report, export, publish; the metrics."""
-    m, t = cfg.model, cfg.train
-    model = build(
-        ctx,
-        weights=weights,
-        dropout=m.dropout,
-        finetune_from=t.finetune_from,
-        check_finetune=bool(t.finetune_epochs),
-    )
-    images = image_pipelines(ctx, augment=cfg.data.augment)
+def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, started: float) -> dict:
+    """Train the model's phases, evaluate, report, export, publish; the metrics."""
+    t = cfg.train
     write_sample_batch(ctx, augment=cfg.data.augment)
     schedule = schedule_of(cfg, weights=weights)
     from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
@@ -103,7 +101,7 @@ def train_and_export(ctx: RunContext, *, cfg: DictConfig, weights, started: floa
     SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
     time_limit = TimeLimit(t.max_hours, started, ctx.workers[0])  # train.max_hours: exit 5
     trained = train_phases(
-        ctx, model=model, images=images, schedule=schedule, time_limit=time_limit
+        ctx, model=model, augment=cfg.data.augment, schedule=schedule, time_limit=time_limit
     )
     result = evaluate_model(ctx, model=model, test_features=trained.test_features)
     metrics = report(
@@ -156,20 +154,25 @@ def make_context(
     jit_compile,
     seed: int,
     share: tuple[int, int],
+    found: dict[str, str],
     digests: dict[str, str],
 ) -> RunContext:
-    """Leave out (or refuse) undecodable images, size the batch, and gather what the phases
-    share; a worker other than the chief resumes from the chief's backup, if there is one."""
+    """Leave out (or refuse) the undecodable images the scan `found`, size the batch, and
+    gather what the phases share; a worker other than the chief resumes from the chief's
+    backup, if there is one."""
     from trainer.distribute import choose_jit_compile, worker_shard
 
     run_dir = rundir.RunDir(work_dir)
     if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
         log.info("worker resumes from the backup in %s", output.uri)
-    fail = data.on_bad_image.value == "fail"
-    # The first images decoded: scripts/benchmark.py's start-up ends at this line.
-    log.info("scanning %d images for undecodable files", len(splits[0]) + len(splits[1]))
-    train = drop_undecodable(splits[0], name="training", fail=fail, strategy=strategy, share=share)
-    test = drop_undecodable(splits[1], name="test", fail=fail, strategy=strategy, share=share)
+    drop = functools.partial(
+        drop_undecodable,
+        fail=data.on_bad_image.value == "fail",
+        strategy=strategy,
+        share=share,
+        found=found,
+    )
+    train, test = drop(splits[0], name="training"), drop(splits[1], name="test")
     replicas = strategy.num_replicas_in_sync
     batch = data.batch_size * replicas
     log.info("batch size: %d per replica x %d replica(s) = %d", data.batch_size, replicas, batch)
@@ -191,19 +194,21 @@ def make_context(
     )
 
 
-def build(ctx: RunContext, *, weights, dropout: float, finetune_from: str, check_finetune: bool):
-    """The model (frozen backbone + new head) inside the strategy's scope; with
-    `check_finetune`, train.finetune_from must name one of its layers."""
+def build(*, strategy, cfg: DictConfig, classes: int, weights):
+    """The model (frozen backbone with `weights`, as staged, + new head for `classes` classes)
+    inside the strategy's scope; when the run fine-tunes, train.finetune_from must name one of
+    its layers."""
     from trainer.model import build_model, finetune_start
 
-    with ctx.strategy.scope():
+    finetune = bool(cfg.train.finetune_epochs)
+    with strategy.scope():
         # Frozen for the whole run: the folded backbone (trainer/fold.py); fine-tuning trains
         # Keras' own layers.
         model = build_model(
-            len(ctx.classes), ctx.image_size, weights, dropout, ctx.seed, fold=not check_finetune
+            classes, cfg.data.image_size, weights, cfg.model.dropout, cfg.seed, fold=not finetune
         )
-    if check_finetune:
-        finetune_start(model, finetune_from)  # a bad layer name fails now, not after phase 1
+    if finetune:
+        finetune_start(model, cfg.train.finetune_from)  # a bad name fails now, not after phase 1
     return model
 
 

@@ -116,11 +116,12 @@ def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
 
 
 def train_phases(
-    ctx: RunContext, *, model, images: Images, schedule: Schedule, time_limit
+    ctx: RunContext, *, model, augment: bool, schedule: Schedule, time_limit
 ) -> Trained:
     """Phase 1 (resumed from its saved end, on cached features, or on images), then the
     optional fine-tuning (skipped once `time_limit`, train.max_hours, is reached); returns
-    what the evaluation may reuse."""
+    what the evaluation may reuse. The image pipelines (`augment`: data.augment) are built
+    only for a phase that trains on images."""
     import keras
 
     from trainer.train import fit
@@ -135,10 +136,17 @@ def train_phases(
         backup_every_steps=schedule.backup_every_steps,
         jit_compile=ctx.jit_compile,
     )
-    # The full model on the image pipelines: the head phase with augmentation, fine-tuning.
-    fit_images = functools.partial(
-        fit_phase, model, images.train, images.test, steps_per_epoch=images.steps_per_epoch
-    )
+    pipelines: list[Images] = []  # built once, on first use: both phases share them
+
+    def fit_images(**phase):
+        """The full model on the image pipelines: the head phase with augmentation, fine-tuning."""
+        if not pipelines:
+            pipelines.append(image_pipelines(ctx, augment=augment))
+        images = pipelines[0]
+        return fit_phase(
+            model, images.train, images.test, steps_per_epoch=images.steps_per_epoch, **phase
+        )
+
     phase1_done = ctx.run_dir.phase1_done
     if schedule.finetune_epochs and os.path.exists(phase1_done):
         model.load_weights(phase1_done)

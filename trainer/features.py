@@ -141,6 +141,15 @@ def feature_dataset(
     order each time an iterator starts, and Keras starts an extra one under tf.distribute (to
     build the model), so one device and several replicas would see different batches.
     """
+    # Every worker holds all the features (cheap); tf.distribute gives each its part of a batch.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    if not shuffle and not isinstance(features, np.memmap):
+        # The test set, in order: Keras starts a new iterator over it for every epoch's
+        # evaluation, and without a map and a prefetch that costs ~10 ms less each time.
+        pairs = (np.asarray(features, dtype=np.float32), labels)
+        ds = tf.data.Dataset.from_tensor_slices(pairs).batch(batch_size)
+        return ds.with_options(options)
     n = len(labels)
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(n) for _ in range(epochs)] if shuffle else [np.arange(n)]
@@ -164,9 +173,6 @@ def feature_dataset(
         def load(index):
             return tf.gather(feature_table, index), tf.gather(label_table, index)
 
-    # Every worker holds all the features (cheap); tf.distribute gives each its part of a batch.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
 

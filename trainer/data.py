@@ -311,6 +311,20 @@ def image_dataset(
     return ds.prefetch(2).with_options(options)
 
 
+def decode_files(
+    files: list[str], image_size: int, *, augment: bool = False, seed: int = 0
+) -> np.ndarray:
+    """A few images (TensorBoard's samples, misclassified test images) decoded and resized as
+    `image_dataset` does, then augmented if `augment`: float32 [n, S, S, 3]. Eagerly: a tf.data
+    pipeline took longer to build (0.09 s) than 16 images take to decode this way (0.03 s)."""
+    import tensorflow as tf
+
+    pixels = tf.stack([decode_image(tf.io.read_file(path), image_size) for path in files])
+    if augment:
+        pixels = _augmenter(seed)(pixels, training=True)
+    return np.asarray(pixels)
+
+
 def worker_share(num_files: int, batch_size: int, workers: int) -> int:
     """Files each worker trains on per epoch: whole global batches, the same on every worker
     (tf.distribute needs every worker to run the same number of steps); 0 if too few files."""

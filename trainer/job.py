@@ -215,10 +215,10 @@ def build(*, strategy, cfg: DictConfig, classes: int, weights):
 def write_sample_batch(ctx: RunContext, *, augment: bool) -> None:
     """16 training images (a seeded sample, of this worker's own images under sharded
     staging), as the model sees them (decoded, resized, augmented if it is), in TensorBoard.
-    Their own small pipeline: the first batch of the training pipeline would decode its read-ahead
+    Decoded on their own: the first batch of the training pipeline would decode its read-ahead
     too, ~100 images, at every sweep point."""
     from trainer import tensorboard
-    from trainer.data import image_dataset
+    from trainer.data import decode_files
 
     rows = np.arange(len(ctx.train))
     if ctx.sharded_staging:  # this worker holds only its own images
@@ -226,12 +226,9 @@ def write_sample_batch(ctx: RunContext, *, augment: bool) -> None:
         rows = np.asarray([i for i in rows if owner(ctx.train.files[i], workers) == index])
         if not len(rows):
             return
-    rows = np.random.default_rng(ctx.seed).permutation(rows)[:16]
-    sample = image_dataset(
-        ctx.train.subset(rows), ctx.image_size, 16, augment=augment, seed=ctx.seed
-    )
-    sample_x, sample_y = next(iter(sample))
-    tensorboard.write_sample_batch(ctx.run_dir.tensorboard, sample_x, sample_y.numpy(), ctx.classes)
+    sample = ctx.train.subset(np.random.default_rng(ctx.seed).permutation(rows)[:16])
+    pixels = decode_files(sample.files, ctx.image_size, augment=augment, seed=ctx.seed)
+    tensorboard.write_sample_batch(ctx.run_dir.tensorboard, pixels, sample.labels, ctx.classes)
 
 
 def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
@@ -314,12 +311,9 @@ def _timings(ctx: RunContext) -> dict:
 
 def _pixels(split: Split, image_size: int):
     """The decoded images of `split`, stacked (an empty list for no images)."""
-    from trainer.data import image_dataset
+    from trainer.data import decode_files
 
-    if not len(split):
-        return []
-    batches = image_dataset(split, image_size, 16).unbatch().as_numpy_iterator()
-    return np.stack([x for x, _ in batches])
+    return decode_files(split.files, image_size) if len(split) else []
 
 
 def hparams_of(cfg: DictConfig) -> dict:

@@ -131,16 +131,21 @@ def test_tensorflow_loads_without_the_optional_packages_the_trainer_never_uses(t
         "import sklearn.linear_model\n"
         "print(keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
+    result = _python_c(script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "(1, 2)"]
+
+
+def _python_c(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """`python -c script args...` with this checkout's trainer, output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
         env=trainer_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["[]", "(1, 2)"]
 
 
 def test_trainer_help_says_what_it_is_as_the_user_types_it(tmp_path):
@@ -148,14 +153,7 @@ def test_trainer_help_says_what_it_is_as_the_user_types_it(tmp_path):
     console_script = "import sys, trainer.__main__ as m; sys.argv[0] = 'trainer'; m.main()"
     for result in (
         run_module("trainer", "--help", cwd=tmp_path),
-        subprocess.run(
-            [sys.executable, "-c", console_script, "--help"],
-            cwd=tmp_path,
-            env=trainer_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ),
+        _python_c(console_script, "--help", cwd=tmp_path),
     ):
         assert result.returncode == 0, result.stderr
         first = result.stdout.splitlines()[0]

@@ -139,6 +139,9 @@ def test_undecodable_files_are_found_and_left_out(tmp_path, caplog):
     assert "skipping 3 undecodable image(s) in the training set" in caplog.text
     for path in bad:
         assert str(path) in caplog.text
+    # What is wrong with each, in TensorFlow's words (without its op and function names)
+    assert f"{bad[0]} (Input is empty.)" in caplog.text  # empty.jpg
+    assert f"{bad[2]} (Unknown image file format." in caplog.text  # garbage.png
 
 
 def test_a_file_probed_earlier_in_the_process_is_probed_again_once_it_changed(tmp_path):

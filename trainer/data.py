@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -226,10 +227,16 @@ def _probe(files: list[str]) -> dict[str, str]:
             decode_image(tf.io.read_file(files[index]), PROBE_SIZE)
             reason = "unreadable"
         except (tf.errors.OpError, ValueError) as error:
-            reason = getattr(error, "message", str(error)).strip().splitlines()[0]
-            reason = reason.split("]")[-1].strip() or "undecodable"
+            reason = _reason(getattr(error, "message", str(error)))
         bad[files[index]] = reason
     return bad
+
+
+def _reason(message: str) -> str:
+    """What TensorFlow says is wrong with a file, without where it said it: "{{function_node
+    ...}} Input is empty. [Op:DecodeImage] name: " -> "Input is empty."."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return re.sub(r"^\{\{.*?\}\}\s*|\s*\[Op:.*$", "", line).strip() or "undecodable"
 
 
 def drop_bad_images(

@@ -169,6 +169,37 @@ def test_corrupt_images_are_skipped_and_reported_by_the_job(trained_run):
     assert trained_run.metrics["num_train"] == 80  # 2 x 40 good images; the 3 bad ones left out
 
 
+def test_a_run_over_the_same_files_takes_the_scans_findings_from_the_feature_cache(tmp_path):
+    """A sweep's pods and reruns decode no image to learn which are bad: the first run's
+    findings are in storage.feature_cache, keyed by the files' contents. A changed file, or
+    on_bad_image=fail, behaves as it would after a scan."""
+    train_dir, test_dir = make_folders(tmp_path / "data", train=12, test=4)
+    bad = corrupt_files(train_dir / "dog")
+    common = [f"data.train_dir={train_dir}", f"data.test_dir={test_dir}", "train.epochs=1", *SMALL]
+    cache = f"storage.feature_cache={tmp_path / 'features'}"
+
+    def run(name: str, *extra: str):
+        return run_trainer(*common, cache, f"output.dir={tmp_path / name}", *extra, cwd=tmp_path)
+
+    first, second = run("first"), run("second")
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "skipping 3 undecodable image(s) in the training set" in result.stdout
+        assert f"skipped {bad[0]} (Input is empty.)" in result.stdout
+    assert "scanning 35 images" in first.stdout and "scanning" not in second.stdout
+    assert "bad-image scan skipped: 3 of these 35 images are undecodable" in second.stdout
+
+    failing = run("failing", "data.on_bad_image=fail")
+    assert failing.returncode == 2 and "scanning" not in failing.stdout
+    assert last_error_line(failing).startswith(f"trainer: error: {bad[0]}: cannot decode image")
+
+    bad[0].write_bytes(sorted((train_dir / "cat").glob("*.jpg"))[0].read_bytes())  # now good
+    fixed = run("fixed")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "scanning 35 images" in fixed.stdout
+    assert "skipping 2 undecodable image(s) in the training set" in fixed.stdout
+
+
 def test_on_bad_image_fail_exits_2_naming_the_file(tmp_path):
     train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
     (train_dir / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")

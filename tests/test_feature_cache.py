@@ -157,6 +157,18 @@ def test_a_miss_computes_and_stores_and_the_next_run_hits(cache_uri, images, wei
     assert (hit, len(calls)) == (False, 2)
 
 
+def test_text_entries_round_trip_and_the_first_writer_wins_on_gcs(cache_uri):
+    """The bad-image scan's findings (trainer/inputs.py) are text entries beside the features."""
+    assert fc.load_text(cache_uri, "scan-1-abc.json") is None
+    fc.store_text(cache_uri, "scan-1-abc.json", '{"bad": [[0, "Input is empty."]]}')
+    assert fc.load_text(cache_uri, "scan-1-abc.json") == '{"bad": [[0, "Input is empty."]]}'
+    fc.store_text(cache_uri, "scan-1-abc.json", '{"bad": []}')  # a second writer, same key
+    kept = fc.load_text(cache_uri, "scan-1-abc.json")
+    assert kept == (
+        '{"bad": [[0, "Input is empty."]]}' if cache_uri.startswith("gs://") else '{"bad": []}'
+    )
+
+
 def _write_entry(cache_uri: str, key: str, data: bytes, emulator=None) -> None:
     if cache_uri.startswith("gs://"):
         bucket, _, prefix = cache_uri[len("gs://") :].partition("/")

@@ -14,6 +14,7 @@ The cache (`storage.feature_cache`) is a local folder or a gs:// prefix holding
 
     <key>.npy     float32 [files, 2048], one row per file in the split's order
     <key>.claim   a run is computing <key>; others wait for it rather than compute it again
+    scan-<...>.json  the bad-image scan's findings over a listing (trainer/inputs.py)
 
 Entries are written atomically (locally a temporary name and a rename; on GCS a create with
 if_generation_match=0, so the first writer wins and a later one keeps its own identical copy),
@@ -36,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -217,6 +219,34 @@ def store(cache_uri: str, key: str, features: np.ndarray) -> bool:
     finally:
         with contextlib.suppress(OSError):
             os.remove(partial)
+
+
+def load_text(cache_uri: str, name: str) -> str | None:
+    """The text entry `name` (a scan's findings), or None."""
+    if not is_gcs(cache_uri):
+        path = Path(cache_uri, name)
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    from google.api_core import exceptions
+
+    try:
+        return _blob(cache_uri, name).download_as_text(retry=retry())
+    except exceptions.NotFound:
+        return None
+
+
+def store_text(cache_uri: str, name: str, text: str) -> None:
+    """Save the text entry `name` atomically; on GCS the first writer's entry is kept."""
+    if is_gcs(cache_uri):
+        from google.api_core import exceptions
+
+        with contextlib.suppress(exceptions.PreconditionFailed):
+            _blob(cache_uri, name).upload_from_string(text, if_generation_match=0, retry=retry())
+        return
+    os.makedirs(cache_uri, exist_ok=True)
+    partial = os.path.join(cache_uri, f".{name}.{uuid.uuid4().hex}.partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, os.path.join(cache_uri, name))
 
 
 # -- claims: one run computes, the others wait ------------------------------------------------

@@ -19,8 +19,11 @@ from trainer import BelowMinAccuracy, rundir
 from trainer.config import validate
 from trainer.data import Split, owner
 from trainer.inputs import (
+    Findings,
+    agreed_findings,
     drop_undecodable,
     listing_digests,
+    remember_findings,
     split_data,
     stage_inputs,
     staging_share,
@@ -68,7 +71,8 @@ def run(cfg: DictConfig) -> dict:
     scratch = None if chief else rundir.worker_scratch()
     try:
         # The scan decodes in tf.data's threads while this thread builds the model.
-        scan = start_scan((train, test), share=share)
+        digests = listing_digests(train_dir, test_dir)
+        scan = start_scan((train, test), share=share, cache_uri=s.feature_cache, digests=digests)
         model = build(strategy=strategy, cfg=cfg, classes=len(classes), weights=weights)
         ctx = make_context(
             output=output,
@@ -77,12 +81,13 @@ def run(cfg: DictConfig) -> dict:
             strategy=strategy,
             classes=classes,
             splits=(train, test),
-            found=scan.result(),
+            findings=scan.result(),
             data=d,
+            feature_cache=s.feature_cache,
             jit_compile=t.jit_compile,
             seed=cfg.seed,
             share=share,
-            digests=listing_digests(train_dir, test_dir),
+            digests=digests,
         )
         return train_and_export(ctx, model=model, cfg=cfg, weights=weights, started=started)
     finally:
@@ -154,25 +159,29 @@ def make_context(
     jit_compile,
     seed: int,
     share: tuple[int, int],
-    found: dict[str, str],
+    findings: Findings,
+    feature_cache: str | None,
     digests: dict[str, str],
 ) -> RunContext:
-    """Leave out (or refuse) the undecodable images the scan `found`, size the batch, and
-    gather what the phases share; a worker other than the chief resumes from the chief's
-    backup, if there is one."""
+    """Leave out (or refuse) the undecodable images of the scan's `findings` (the chief keeps
+    them in storage.feature_cache), size the batch, and gather what the phases share; a worker
+    other than the chief resumes from the chief's backup, if there is one."""
     from trainer.distribute import choose_jit_compile, worker_shard
 
     run_dir = rundir.RunDir(work_dir)
     if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
         log.info("worker resumes from the backup in %s", output.uri)
+    findings = agreed_findings(findings, strategy=strategy, share=share)
     drop = functools.partial(
         drop_undecodable,
         fail=data.on_bad_image.value == "fail",
         strategy=strategy,
         share=share,
-        found=found,
+        found=findings.bad,
     )
     train, test = drop(splits[0], name="training"), drop(splits[1], name="test")
+    if chief:
+        remember_findings(findings, listed=splits, kept=(train, test), cache_uri=feature_cache)
     replicas = strategy.num_replicas_in_sync
     batch = data.batch_size * replicas
     log.info("batch size: %d per replica x %d replica(s) = %d", data.batch_size, replicas, batch)
@@ -189,7 +198,7 @@ def make_context(
         workers=worker_shard(strategy),
         jit_compile=choose_jit_compile(jit_compile, strategy),
         seed=seed,
-        digests=digests,
+        digests={**digests, **findings.digests},
         sharded_staging=share[0] > 1,
     )
 

@@ -72,7 +72,7 @@ def test_under_bfloat16_the_folded_backbone_is_as_close_to_float32_as_keras_own(
         features = np.asarray(features, dtype=np.float32)
         return float(np.abs(features - reference).mean() / np.abs(reference).mean())
 
-    assert folded.kernel_rows.dtype == "bfloat16"  # no cast per batch
+    assert folded.kernel_values.dtype == "bfloat16"  # no cast per batch
     keras_error, folded_error = error(backbone(x, training=False)), error(folded(x))
     assert keras_error < 0.05
     assert folded_error < 1.5 * keras_error
@@ -80,7 +80,7 @@ def test_under_bfloat16_the_folded_backbone_is_as_close_to_float32_as_keras_own(
 
 def test_kernels_of_any_size_fold_into_two_weights(policy):
     """Every kernel and every bias shares one weight (a SavedModel's save costs ~2 ms a
-    variable): kernels whose size is not a whole number of rows (no ResNet50 kernel's) too."""
+    variable), whatever their shapes."""
     policy("float32")
     keras.utils.set_random_seed(0)
     inputs = keras.Input((9, 9, 3))

@@ -200,6 +200,24 @@ def test_a_run_over_the_same_files_takes_the_scans_findings_from_the_feature_cac
     assert "skipping 2 undecodable image(s) in the training set" in fixed.stdout
 
 
+def test_a_listed_file_that_cannot_be_read_is_reported_by_the_scan_not_a_crash(tmp_path):
+    """With storage.feature_cache set the scan first hashes every listed file for its key: a
+    file gone (or unreadable) since the listing is one more bad file, as without the cache."""
+    from trainer.inputs import start_scan
+
+    train_dir, _ = make_folders(tmp_path, train=3, test=1)
+    _, split, _ = load_splits(str(train_dir), str(tmp_path / "test"), 0.2, seed=0)
+    gone = Path(split.files[0])
+    gone.unlink()
+
+    findings = start_scan(
+        (split,), share=(1, 0), cache_uri=str(tmp_path / "features"), digests={}
+    ).result(timeout=120)
+
+    assert list(findings.bad) == [str(gone)] and not findings.cached
+    assert findings.digests[str(gone)].startswith("unreadable:")
+
+
 def test_on_bad_image_fail_exits_2_naming_the_file(tmp_path):
     train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
     (train_dir / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")

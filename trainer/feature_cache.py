@@ -61,14 +61,17 @@ HASH_THREADS = 8  # hashlib releases the GIL: threads overlap reading and hashin
 def file_digests(
     paths: Sequence[str], *, known: Mapping[str, str] | None = None, threads: int = HASH_THREADS
 ) -> list[str]:
-    """One content digest per file, in order: `known[path]` where given (see
-    `listing_digests`), else the SHA-256 of the file's bytes."""
+    """One content digest per file, in order: `known[path]` where given (`listing_digests`),
+    else the SHA-256 of its bytes, or its path and error if it cannot be read."""
     known = known or {}
 
     def digest(path: str) -> str:
         if path in known:
             return known[path]
-        return "sha256:" + _hash_file(path, "sha256")
+        try:
+            return "sha256:" + _hash_file(path, "sha256")
+        except OSError as error:
+            return f"unreadable:{path}:{error.errno}"
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return list(pool.map(digest, paths))
@@ -221,8 +224,7 @@ def store(cache_uri: str, key: str, features: np.ndarray) -> bool:
             os.remove(partial)
 
 
-def load_text(cache_uri: str, name: str) -> str | None:
-    """The text entry `name` (a scan's findings), or None."""
+def load_text(cache_uri: str, name: str) -> str | None:  # a scan's findings, or None
     if not is_gcs(cache_uri):
         path = Path(cache_uri, name)
         return path.read_text(encoding="utf-8") if path.is_file() else None

@@ -176,10 +176,12 @@ def _cached_findings(cache_uri: str, key: str, files: list[str]) -> dict[str, st
     return found
 
 
-def agreed_findings(findings: Findings, *, strategy, share: tuple[int, int]) -> Findings:
+def agreed_findings(
+    findings: Findings, *, splits: tuple[Split, ...], strategy, share: tuple[int, int]
+) -> Findings:
     """One worker: `findings`. Several: the cached findings only if every worker found them
-    (an all-reduce: every worker calls this); else each scans its share, a worker that had
-    found them too, and `drop_undecodable` merges the shares."""
+    (an all-reduce: every worker calls this); else each scans its share of `splits`, a worker
+    that had found them too, and `drop_undecodable` merges the shares."""
     from trainer.distribute import worker_shard
     from trainer.phases import any_worker
 
@@ -188,7 +190,7 @@ def agreed_findings(findings: Findings, *, strategy, share: tuple[int, int]) -> 
     missed = np.asarray([0.0 if findings.cached else 1.0], dtype=np.float32)
     if not any_worker(strategy, missed)[0] or not findings.cached:
         return findings  # every worker found them, or this one scanned
-    files = list(findings.digests)  # every listed file, in order
+    files = [path for split in splits for path in split.files]
     return Findings(_scan_share(files, share), False, findings.key, findings.digests)
 
 
@@ -201,10 +203,13 @@ def remember_findings(findings: Findings, *, listed, kept, cache_uri: str | None
         return
     files = [path for split in listed for path in split.files]
     good = {path for split in kept for path in split.files}
-    bad = [[i, findings.bad.get(path, FOUND_ELSEWHERE)] for i, path in enumerate(files)]
-    entry = {"bad": [row for row, path in zip(bad, files, strict=True) if path not in good]}
+    bad = [
+        [i, findings.bad.get(path, FOUND_ELSEWHERE)]
+        for i, path in enumerate(files)
+        if path not in good
+    ]
     with cache_errors(cache_uri):
-        store_text(cache_uri, f"{findings.key}.json", json.dumps(entry))
+        store_text(cache_uri, f"{findings.key}.json", json.dumps({"bad": bad}))
 
 
 def drop_undecodable(

@@ -171,7 +171,7 @@ def make_context(
     run_dir = rundir.RunDir(work_dir)
     if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
         log.info("worker resumes from the backup in %s", output.uri)
-    findings = agreed_findings(findings, strategy=strategy, share=share)
+    findings = agreed_findings(findings, splits=splits, strategy=strategy, share=share)
     drop = functools.partial(
         drop_undecodable,
         fail=data.on_bad_image.value == "fail",

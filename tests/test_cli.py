@@ -136,6 +136,27 @@ def test_tensorflow_loads_without_the_optional_packages_the_trainer_never_uses(t
     assert result.stdout.splitlines() == ["[]", "(1, 2)"]
 
 
+def test_the_collector_stays_out_of_the_tensorflow_import_and_works_after_it(tmp_path):
+    # Python's collector walked the hundreds of thousands of objects the import creates several
+    # times while it ran (~0.1 s of every start); they live as long as the process, so the
+    # trainer pauses it during the import and freezes them out of later passes.
+    script = (
+        "import gc\n"
+        "from trainer.quiet import quiet_tensorflow_startup\n"
+        "quiet_tensorflow_startup()\n"
+        "passes = []\n"
+        "gc.callbacks.append(lambda phase, info: passes.append(phase))\n"
+        "import keras\n"
+        "print(len(passes), gc.isenabled(), gc.get_freeze_count() > 100_000)\n"
+        "class Cycle: pass\n"
+        "cycle = Cycle(); cycle.me = cycle; del cycle\n"
+        "print(gc.collect() > 0)\n"  # garbage made after the import is still collected
+    )
+    result = _python_c(script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["0 True True", "True"]
+
+
 def _python_c(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
     """`python -c script args...` with this checkout's trainer, output captured."""
     return subprocess.run(

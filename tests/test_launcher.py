@@ -382,9 +382,21 @@ def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
         bucket, f"gs://{bucket}/stop-{namespace}", namespace, tmp_path / "sweep", "seed=1,2"
     )
     env = trainer_env(KUBECONFIG=str(kubeconfig), STORAGE_EMULATOR_HOST=emulator.url)
-    driver = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # Ctrl-C reaches a driver in the foreground. A test run started in the background without
+    # job control (`nohup ... &`) ignores SIGINT, and a child would inherit that: give the
+    # driver the foreground's default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        driver = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
     reader.start()

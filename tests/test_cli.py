@@ -157,7 +157,21 @@ def test_the_collector_stays_out_of_the_tensorflow_import_and_works_after_it(tmp
     assert result.stdout.splitlines() == ["0 True True", "True"]
 
 
-def _python_c(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+def test_an_error_exits_at_once_though_work_still_runs_on_another_thread(tmp_path):
+    # The bad-image scan decodes on a thread of its own while the model is built. When the
+    # build fails (weights that do not fit, a misspelt train.finetune_from), the one-line error
+    # must not wait for a scan of the whole dataset: a thread that never ends stands in for it.
+    script = (
+        "import threading, trainer.__main__ as m\n"
+        "threading.Thread(target=threading.Event().wait, name='bad-image-scan').start()\n"
+        "m.main()\n"
+    )
+    result = _python_c(script, f"data.train_dir={tmp_path / 'missing'}", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("missing: folder not found")
+
+
+def _python_c(script: str, *args: str, cwd, timeout: int = 120) -> subprocess.CompletedProcess:
     """`python -c script args...` with this checkout's trainer, output captured."""
     return subprocess.run(
         [sys.executable, "-c", script, *args],
@@ -165,7 +179,7 @@ def _python_c(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
         env=trainer_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 

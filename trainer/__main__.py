@@ -103,6 +103,15 @@ def _exit(code: int, line: str) -> None:
 
 def main() -> None:
     """Console script `trainer`; the same as `python -m trainer`."""
+    try:
+        _main()
+    except SystemExit as stop:  # a one-line error (_exit), Hydra's --help
+        if not isinstance(stop.code, (int, type(None))):
+            raise
+        _leave(stop.code or 0)
+
+
+def _main() -> None:
     sys.argv[1:] = enum_overrides(sys.argv[1:] + sweep_point_overrides())
     # Hydra would print multi-line reports and exit 1; let errors reach us to give exit codes.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -118,9 +127,11 @@ def main() -> None:
 
 
 def _leave(code: int) -> None:
-    """Exit as soon as the job is done: the interpreter's teardown of TensorFlow's objects
-    took ~1 s after the last line and does nothing a user needs (outputs are published, their
-    writers closed). Log handlers (train.log) and both streams are flushed first."""
+    """Exit as soon as the job is done or has failed: the interpreter's teardown of
+    TensorFlow's objects took ~1 s after the last line, and it would wait for work still
+    running on other threads (the bad-image scan, when building the model failed); neither
+    does anything a user needs (outputs are published, their writers closed). Log handlers
+    (train.log) and both streams are flushed first."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -200,28 +200,9 @@ def lookup(
 def store(cache_uri: str, key: str, features: np.ndarray) -> bool:
     """Save `features` as the entry of `key`, atomically; False when another writer's entry was
     already there (same key, same features: theirs is kept, ours discarded)."""
-    name = f"{key}.npy"
-    local_root = cache_uri if not is_gcs(cache_uri) else tempfile.gettempdir()
-    os.makedirs(local_root, exist_ok=True)
-    partial = os.path.join(local_root, f".{name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open(partial, "wb") as f:  # a file, not a name: np.save would append ".npy"
-            np.save(f, np.asarray(features, dtype=np.float32), allow_pickle=False)
-        if not is_gcs(cache_uri):
-            os.replace(partial, os.path.join(cache_uri, name))  # same bytes if someone else won
-            return True
-        from google.api_core import exceptions
-
-        try:
-            _blob(cache_uri, name).upload_from_filename(
-                partial, if_generation_match=0, retry=retry()
-            )
-        except exceptions.PreconditionFailed:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
+    features = np.asarray(features, dtype=np.float32)
+    # np.save writes to the open file: given a name, it would append ".npy"
+    return _store_entry(cache_uri, f"{key}.npy", lambda f: np.save(f, features, allow_pickle=False))
 
 
 def load_text(cache_uri: str, name: str) -> str | None:  # a scan's findings, or None
@@ -238,17 +219,34 @@ def load_text(cache_uri: str, name: str) -> str | None:  # a scan's findings, or
 
 def store_text(cache_uri: str, name: str, text: str) -> None:
     """Save the text entry `name` atomically; on GCS the first writer's entry is kept."""
-    if is_gcs(cache_uri):
+    _store_entry(cache_uri, name, lambda f: f.write(text.encode("utf-8")))
+
+
+def _store_entry(cache_uri: str, name: str, write: Callable) -> bool:
+    """Write the entry `name` with `write(binary file)`: locally to a temporary name, then
+    renamed; on GCS uploaded with if_generation_match=0. False when another writer's entry was
+    already there on GCS (its copy is kept)."""
+    local_root = cache_uri if not is_gcs(cache_uri) else tempfile.gettempdir()
+    os.makedirs(local_root, exist_ok=True)
+    partial = os.path.join(local_root, f".{name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+        if not is_gcs(cache_uri):
+            os.replace(partial, os.path.join(cache_uri, name))  # same bytes if someone else won
+            return True
         from google.api_core import exceptions
 
-        with contextlib.suppress(exceptions.PreconditionFailed):
-            _blob(cache_uri, name).upload_from_string(text, if_generation_match=0, retry=retry())
-        return
-    os.makedirs(cache_uri, exist_ok=True)
-    partial = os.path.join(cache_uri, f".{name}.{uuid.uuid4().hex}.partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(partial, os.path.join(cache_uri, name))
+        try:
+            _blob(cache_uri, name).upload_from_filename(
+                partial, if_generation_match=0, retry=retry()
+            )
+        except exceptions.PreconditionFailed:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
 
 
 # -- claims: one run computes, the others wait ------------------------------------------------

@@ -52,8 +52,6 @@ class FoldedBackbone(keras.layers.Layer):
         self.width = width
 
     def build(self, input_shape):
-        sizes = [int(np.prod(shape)) for shape in self.shapes.values()]
-        channels = [shape[-1] for shape in self.shapes.values()]
         self.kernel_values, self.bias_values = (
             self.add_weight(
                 shape=(sum(lengths),),
@@ -63,8 +61,14 @@ class FoldedBackbone(keras.layers.Layer):
                 trainable=False,
                 autocast=False,
             )
-            for lengths, name in ((sizes, "kernel_values"), (channels, "bias_values"))
+            for lengths, name in zip(self._lengths(), ("kernel_values", "bias_values"), strict=True)
         )
+
+    def _lengths(self) -> tuple[list[int], list[int]]:
+        """Each conv's part of `kernel_values` (its kernel's size) and of `bias_values` (its
+        output channels), in the weights' order."""
+        shapes = self.shapes.values()
+        return [int(np.prod(shape)) for shape in shapes], [shape[-1] for shape in shapes]
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.width)
@@ -80,10 +84,10 @@ class FoldedBackbone(keras.layers.Layer):
     def _split(self) -> tuple[dict, dict]:
         """{conv name: kernel}, {conv name: bias}: one split of each weight, then each kernel
         reshaped (slicing the weights conv by conv made a trace twice as long)."""
-        shapes = list(self.shapes.values())
-        kernels = tf.split(self.kernel_values.value, [int(np.prod(s)) for s in shapes])
-        biases = tf.split(self.bias_values.value, [s[-1] for s in shapes])
-        kernels = [tf.reshape(k, s) for k, s in zip(kernels, shapes, strict=True)]
+        sizes, channels = self._lengths()
+        kernels = tf.split(self.kernel_values.value, sizes)
+        biases = tf.split(self.bias_values.value, channels)
+        kernels = [tf.reshape(k, s) for k, s in zip(kernels, self.shapes.values(), strict=True)]
         return dict(zip(self.shapes, kernels, strict=True)), dict(
             zip(self.shapes, biases, strict=True)
         )
@@ -170,7 +174,7 @@ def fold(backbone: keras.Model) -> Folded:
         args = tuple(slots[id(t)] for t in inputs)
         steps.append(_step(layer, args, out))
         if isinstance(layer, keras.layers.Conv2D):
-            kernel = layer.kernel.numpy().astype(np.float32)
+            kernel = np.asarray(layer.kernel.numpy(), np.float32)  # no copy
             bias = layer.bias.numpy() if layer.use_bias else np.zeros(kernel.shape[-1])
             params[layer.name] = (kernel, bias.astype(np.float64))
             folded[id(layer.output)] = layer.name

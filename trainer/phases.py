@@ -136,13 +136,14 @@ def train_phases(
         backup_every_steps=schedule.backup_every_steps,
         jit_compile=ctx.jit_compile,
     )
-    pipelines: list[Images] = []  # built once, on first use: both phases share them
+
+    @functools.cache  # built on first use: both phases share them
+    def pipelines() -> Images:
+        return image_pipelines(ctx, augment=augment)
 
     def fit_images(**phase):
         """The full model on the image pipelines: the head phase with augmentation, fine-tuning."""
-        if not pipelines:
-            pipelines.append(image_pipelines(ctx, augment=augment))
-        images = pipelines[0]
+        images = pipelines()
         return fit_phase(
             model, images.train, images.test, steps_per_epoch=images.steps_per_epoch, **phase
         )

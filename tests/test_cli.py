@@ -122,39 +122,43 @@ def test_tensorflow_loads_without_the_optional_packages_the_trainer_never_uses(t
     # scikit-learn and SciPy come with ".[dev]": Keras and TensorFlow would import them at
     # start-up (~0.5 s), as they would IPython where installed, for features the trainer never
     # uses. The trainer's commands import TensorFlow without them; later imports still work.
-    script = (
-        "import sys\n"
-        "from trainer.quiet import OPTIONAL_IMPORTS, quiet_tensorflow_startup\n"
-        "quiet_tensorflow_startup()\n"
-        "import keras\n"  # as the job does: keras first, which imports tensorflow
+    printed = _import_as_the_job(
+        tmp_path,
+        after="from trainer.quiet import OPTIONAL_IMPORTS\n"
         "print(sorted(n for n in OPTIONAL_IMPORTS if n in sys.modules))\n"
         "import sklearn.linear_model\n"
-        "print(keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)\n"
+        "print(keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)\n",
     )
-    result = _python_c(script, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["[]", "(1, 2)"]
+    assert printed == ["[]", "(1, 2)"]
 
 
 def test_the_collector_stays_out_of_the_tensorflow_import_and_works_after_it(tmp_path):
     # Python's collector walked the hundreds of thousands of objects the import creates several
     # times while it ran (~0.1 s of every start); they live as long as the process, so the
     # trainer pauses it during the import and freezes them out of later passes.
-    script = (
-        "import gc\n"
-        "from trainer.quiet import quiet_tensorflow_startup\n"
-        "quiet_tensorflow_startup()\n"
-        "passes = []\n"
-        "gc.callbacks.append(lambda phase, info: passes.append(phase))\n"
-        "import keras\n"
-        "print(len(passes), gc.isenabled(), gc.get_freeze_count() > 100_000)\n"
+    printed = _import_as_the_job(
+        tmp_path,
+        before="passes = []\ngc.callbacks.append(lambda phase, info: passes.append(phase))\n",
+        after="print(len(passes), gc.isenabled(), gc.get_freeze_count() > 100_000)\n"
         "class Cycle: pass\n"
         "cycle = Cycle(); cycle.me = cycle; del cycle\n"
-        "print(gc.collect() > 0)\n"  # garbage made after the import is still collected
+        "print(gc.collect() > 0)\n",  # garbage made after the import is still collected
+    )
+    assert printed == ["0 True True", "True"]
+
+
+def _import_as_the_job(tmp_path, *, before: str = "", after: str) -> list[str]:
+    """In a fresh process, import keras (which imports tensorflow) as the job does, after
+    quiet_tensorflow_startup; `before` and `after` run around it. Its stdout lines."""
+    script = (
+        "import gc, sys\n"
+        "from trainer.quiet import quiet_tensorflow_startup\n"
+        "quiet_tensorflow_startup()\n"
+        f"{before}import keras\n{after}"
     )
     result = _python_c(script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["0 True True", "True"]
+    return result.stdout.splitlines()
 
 
 def test_an_error_exits_at_once_though_work_still_runs_on_another_thread(tmp_path):

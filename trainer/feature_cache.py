@@ -17,8 +17,11 @@ The cache (`storage.feature_cache`) is a local folder or a gs:// prefix holding
     scan-<...>.json  the bad-image scan's findings over a listing (trainer/inputs.py)
 
 Entries are written atomically (locally a temporary name and a rename; on GCS a create with
-if_generation_match=0, so the first writer wins and a later one keeps its own identical copy),
-and an entry that does not load as the expected array is treated as a miss and removed.
+if_generation_match=0, so the first writer wins and a later one keeps its own identical copy).
+Each ends with a footer holding the SHA-256 of the bytes before it (numpy ignores bytes after
+an array), which a reader checks: an entry whose digest does not match (a bit flip, a bad disk,
+a writer that died or wrote something else), or that does not load as the expected array of
+finite values, is a miss, logged and removed, never a hit.
 Nothing here imports TensorFlow.
 """
 
@@ -46,7 +49,8 @@ from trainer.gcs import WRITER_ROLE, client, is_gcs, retry, split_uri, user_erro
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the features change for the same inputs (preprocessing, pooling)
+VERSION = 2  # bump when the entries change for the same inputs (2: the digest footer)
+FOOTER = b"TRAINER-SHA256:"  # + the hex SHA-256 of every byte before it
 # keras.applications' file_hash (MD5) for resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5:
 # Keras refuses a cached copy that does not match it, so it names the weights exactly.
 IMAGENET_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
@@ -140,13 +144,48 @@ def _blob(cache_uri: str, name: str):
     return client().bucket(bucket).blob(f"{prefix}/{name}" if prefix else name)
 
 
+def _footer(digest) -> bytes:
+    return FOOTER + digest.hexdigest().encode("ascii")
+
+
+def _verified(path: str) -> bool:
+    """Whether the entry at `path` ends with the footer of the bytes before it."""
+    footer_size = len(FOOTER) + 64
+    try:
+        size = os.path.getsize(path)
+        if size < footer_size:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            left = size - footer_size
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    return False
+                digest.update(chunk)
+                left -= len(chunk)
+            return f.read() == _footer(digest)
+    except OSError:
+        return False
+
+
 def _load(path: str, rows: int | None, mmap: bool) -> np.ndarray | None:
+    """The features in the entry at `path`, or None if it is not an intact float32 [rows, N]
+    array of finite values."""
+    if not _verified(path):
+        return None
     try:
         features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError):  # truncated, not an .npy, unreadable
         return None
     ok = features.dtype == np.float32 and features.ndim == 2
-    return features if ok and (rows is None or features.shape[0] == rows) else None
+    ok = ok and (rows is None or features.shape[0] == rows) and _finite(features)
+    return features if ok else None
+
+
+def _finite(features: np.ndarray, chunk: int = 4096) -> bool:
+    rows = range(0, len(features), chunk)
+    return all(np.isfinite(features[lo : lo + chunk]).all() for lo in rows)
 
 
 def lookup(
@@ -167,7 +206,9 @@ def lookup(
             return None
         features = _load(path, rows, mmap)
         if features is None:
-            log.warning("feature cache: %s is unreadable or the wrong shape: ignored", path)
+            log.warning(
+                "feature cache: %s is corrupt (digest, shape or values): removed, a miss", path
+            )
             with contextlib.suppress(OSError):
                 os.remove(path)
         return features
@@ -181,7 +222,9 @@ def lookup(
         features = _load(local, rows, mmap)
         if features is None:
             log.warning(
-                "feature cache: %s/%s is corrupt or the wrong shape: ignored", cache_uri, name
+                "feature cache: %s/%s is corrupt (digest, shape or values): removed, a miss",
+                cache_uri,
+                name,
             )
             with contextlib.suppress(exceptions.NotFound, exceptions.PreconditionFailed):
                 blob.delete(if_generation_match=blob.generation)  # not a newer, good copy
@@ -205,16 +248,38 @@ def store(cache_uri: str, key: str, features: np.ndarray) -> bool:
     return _store_entry(cache_uri, f"{key}.npy", lambda f: np.save(f, features, allow_pickle=False))
 
 
-def load_text(cache_uri: str, name: str) -> str | None:  # a scan's findings, or None
+def load_text(cache_uri: str, name: str) -> str | None:
+    """The text entry `name` (a scan's findings), or None when it is missing or its digest
+    does not match (logged; the caller computes it again and stores it anew)."""
     if not is_gcs(cache_uri):
         path = Path(cache_uri, name)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        data = path.read_bytes() if path.is_file() else None
+    else:
+        from google.api_core import exceptions
+
+        try:
+            data = _blob(cache_uri, name).download_as_bytes(retry=retry())
+        except exceptions.NotFound:
+            data = None
+    if data is None:
+        return None
+    text, footer = data[: -len(FOOTER) - 64], data[-len(FOOTER) - 64 :]
+    if footer != _footer(hashlib.sha256(text)):
+        log.warning("feature cache: %s/%s is corrupt (digest): removed, a miss", cache_uri, name)
+        _remove(cache_uri, name)
+        return None
+    return text.decode("utf-8")
+
+
+def _remove(cache_uri: str, name: str) -> None:
+    if not is_gcs(cache_uri):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(cache_uri, name))
+        return
     from google.api_core import exceptions
 
-    try:
-        return _blob(cache_uri, name).download_as_text(retry=retry())
-    except exceptions.NotFound:
-        return None
+    with contextlib.suppress(exceptions.NotFound):
+        _blob(cache_uri, name).delete(retry=retry())
 
 
 def store_text(cache_uri: str, name: str, text: str) -> None:
@@ -232,6 +297,11 @@ def _store_entry(cache_uri: str, name: str, write: Callable) -> bool:
     try:
         with open(partial, "wb") as f:
             write(f)
+        with open(partial, "r+b") as f:  # the digest of what was written, appended
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            f.write(_footer(digest))
         if not is_gcs(cache_uri):
             os.replace(partial, os.path.join(cache_uri, name))  # same bytes if someone else won
             return True

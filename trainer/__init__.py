@@ -15,6 +15,12 @@ class TimeLimitReached(Exception):
     metrics written, nothing exported. Exit code 5 (a sweep's podFailurePolicy fails the point)."""
 
 
+class Diverged(Exception):
+    """The loss, the backbone's features or the predictions became NaN or infinite: nothing is
+    exported. Exit code 6, which the Job's podFailurePolicy treats as permanent (a retry from
+    the same inputs diverges again)."""
+
+
 class BelowMinAccuracy(Exception):
     """The run trained but missed `train.min_accuracy`. Exit code 3; metrics written, no export."""
 

@@ -1,7 +1,8 @@
 """`python -m trainer [overrides]`: Hydra entry point.
 
-Composes the config, runs the job, maps errors to exit codes (2: bad config or data, 3: below
-`train.min_accuracy`) and returns the test accuracy, which Hydra sweepers optimize. Hydra's run
+Composes the config, runs the job, maps errors to exit codes (README's table: 2 bad config or
+data, 3 below `train.min_accuracy`, 4 a lost peer, 5 `train.max_hours`, 6 diverged, 143
+SIGTERM) and returns the test accuracy, which Hydra sweepers optimize. Hydra's run
 directory (train.log, .hydra/) is output.dir when one is set (trainer/hydra_run.py).
 """
 
@@ -30,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from trainer import (  # noqa: E402
     BelowMinAccuracy,
+    Diverged,
     LostPeer,
     TimeLimitReached,
     TrainerError,
@@ -67,6 +69,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         _fail(3, f"trainer: {error}", error)
     except TimeLimitReached as error:
         _fail(5, f"trainer: {error}", error)
+    except Diverged as error:
+        _fail(6, f"trainer: diverged: {error}", error)
     except Exception as error:
         code, line = _exit_for(error)
         if code is None:

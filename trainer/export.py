@@ -126,5 +126,5 @@ def write_run_files(out_dir: str, classes: list[str], metrics: dict, config_yaml
     """labels.txt (class_id order), metrics.json and config.yaml."""
     run = rundir.RunDir(out_dir)
     write_text(run.path(rundir.LABELS), "".join(f"{c}\n" for c in classes))
-    write_text(run.path(rundir.METRICS), json.dumps(metrics, indent=2) + "\n")
+    write_text(run.path(rundir.METRICS), json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     write_text(run.path(rundir.CONFIG), config_yaml)

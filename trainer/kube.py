@@ -7,8 +7,9 @@ checked-in `k8s/tfjob.yaml` is `tfjob_example_text()` (`python -m trainer.kube >
 tests/test_k8s.py fails when they differ).
 
 Exit codes and the Job's podFailurePolicy (README's exit-code table has the same codes):
-  2 (bad config or data), 3 (below train.min_accuracy), 5 (train.max_hours reached): FailJob, or
-    FailIndex in a sweep (that point fails alone); retrying cannot help.
+  2 (bad config or data), 3 (below train.min_accuracy), 5 (train.max_hours reached), 6 (the
+    loss, features or predictions went NaN or inf): FailJob, or FailIndex in a sweep (that point
+    fails alone); retrying cannot help.
   4 (a peer worker was lost, multi-worker only): Ignore. When one worker is preempted the
     survivors exit 4; without this rule each survivor would use up backoffLimit.
   DisruptionTarget (preemption, eviction; the trainer exits 143 with a backup): Ignore.
@@ -45,7 +46,8 @@ PLACEHOLDER_IMAGE = "ghcr.io/example/trainer:0.1.0"
 PLACEHOLDER_GSA = "trainer@PROJECT.iam.gserviceaccount.com"
 SERVICE_ACCOUNT = "trainer"
 
-EXIT_PERMANENT = [2, 3, 5]  # bad config/data, below min_accuracy, max_hours reached
+# bad config/data, below min_accuracy, max_hours reached, diverged (NaN or inf)
+EXIT_PERMANENT = [2, 3, 5, 6]
 EXIT_PEER_LOST = 4
 DEFAULT_DEADLINE_S = 86400
 POINT_MARGIN_S = 600
@@ -326,7 +328,7 @@ def manifests(*, name: str, gsa: str, namespace: str | None = None, **job_args) 
 
 def tfjob(*, name: str, image: str, args: list[str], workers: int, res: Resources) -> dict:
     """The same run for Kubeflow's training operator, which sets TF_CONFIG itself. Its ExitCode
-    policy retries exit codes >= 128 (143: preempted) and treats 1-127 as permanent: 2, 3 and 5
+    policy retries exit codes >= 128 (143: preempted) and treats 1-127 as permanent: 2, 3, 5 and 6
     as wanted, but also a crash (1) and a lost peer (4); the Job above retries those."""
     pod = pod_spec(container="tensorflow", image=image, args=args, env=[], res=res)
     return {
@@ -355,7 +357,7 @@ TFJOB_HEADER = """\
 # TF_CONFIG itself, and the trainer accepts it unchanged (distribute.strategy=auto -> multi_worker).
 # Edit image, overrides and worker count, then: kubectl apply -f k8s/tfjob.yaml
 # restartPolicy ExitCode: the operator retries exit codes >= 128 (143: preempted) and treats 1-127
-# as permanent: 2, 3 and 5 as wanted, but also a crash (1) and a lost peer (4), which the Job
+# as permanent: 2, 3, 5 and 6 as wanted, but also a crash (1) and a lost peer (4), which the Job
 # scripts/submit.py renders does retry.
 # Generated from trainer/kube.py by `python -m trainer.kube > k8s/tfjob.yaml`; edit the code, not
 # this file (tests/test_k8s.py checks that they agree).

@@ -12,7 +12,7 @@ import time
 import keras
 import numpy as np
 
-from trainer import TimeLimitReached
+from trainer import Diverged, TimeLimitReached
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class _Sigterm:
         self.requested = False
 
     def install(self) -> None:
+        """(Re)install the handler. TensorFlow's multi-worker runtime installs a C-level SIGTERM
+        handler of its own (its preemption notifier) when the strategy is created, which
+        `signal.getsignal` does not show: install after that, and again before each fit."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
 
@@ -75,6 +78,7 @@ class _Sigterm:
 
     @contextlib.contextmanager
     def during_fit(self):
+        self.install()
         self.check()
         yield
 
@@ -133,6 +137,28 @@ class StopOnSigterm(keras.callbacks.Callback):
                 if writer is not None:
                     writer.flush()
             raise Preempted(f"SIGTERM received; backup written to {self.backup.backup_dir}")
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Diverged (exit 6) at the first step whose loss is NaN or infinite: the weights it leaves
+    are no model. Under tf.distribute the loss is the same on every worker, so all stop."""
+
+    def __init__(self, phase: str):
+        super().__init__()
+        self.phase = phase
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise Diverged(
+                f"the training loss became {float(loss)} in epoch {self.epoch + 1}, step "
+                f"{batch + 1} ({self.phase}): lower train.learning_rate or check the inputs;"
+                " nothing exported"
+            )
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -216,7 +242,12 @@ def fit(
             jit_compile=jit_compile,
         )
     tensorboard = keras.callbacks.TensorBoard(log_dir, write_graph=False)
-    callbacks = [tensorboard, EpochLog(total_epochs, phase), *(extra_callbacks or [])]
+    callbacks = [
+        tensorboard,
+        EpochLog(total_epochs, phase),
+        StopOnNonFiniteLoss(phase),
+        *(extra_callbacks or []),
+    ]
     if backup_dir is not None:
         backup = Backup(backup_dir, backup_every_steps, phase)
         callbacks += [backup, StopOnSigterm(backup, tensorboard)]

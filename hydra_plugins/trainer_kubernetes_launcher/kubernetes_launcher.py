@@ -6,7 +6,7 @@
 Point N of the sweep (Hydra's job number, continuing across batches) writes to output.dir/N, as a
 local multirun does. The Job is `trainer.kube.job(sweep=True)`, the one `scripts/submit.py -m`
 applies: index i of a batch runs the i-th point's overrides (TRAINER_SWEEP), a point that exits
-2, 3 or 5 fails alone (FailIndex), a preempted pod is replaced. The launcher waits for the Job,
+2, 3, 5 or 6 fails alone (FailIndex), a preempted pod is replaced. The launcher waits for the Job,
 reads each point's metrics.json and hands the sweeper a JobReturn per point: the test accuracy,
 or a failure carrying the pod's exit code and last log lines. A re-run with the same output.dir
 skips the points whose _SUCCESS exists. Ctrl-C or SIGTERM deletes the Jobs it created (exit 130).

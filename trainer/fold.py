@@ -9,9 +9,10 @@ layer.) On a 2-core AVX512_BF16 CPU the folded graph ran ResNet50 at 160 px 1.7x
 Keras' (docs/performance.md).
 
 `fold_backbone` turns a Keras ResNet50 (weights loaded) into a `FoldedBackbone` layer: the same
-inputs and pooled outputs, its weights stored in the compute dtype and never trained. The job
-uses it whenever the backbone stays frozen for the whole run: the backbone pass, training on
-images and the exported model all compute the features the same way.
+inputs and pooled outputs, its weights stored in float32 (Keras' mixed-precision convention:
+float32 variables, a lower-precision compute dtype) and never trained. The job uses it whenever
+the backbone stays frozen for the whole run: the backbone pass and training on images compute
+the features the same way; the export folds the trained backbone again in its serving dtype.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ class Step:
 
 class FoldedBackbone(keras.layers.Layer):
     """Preprocessed pixels [N, S, S, 3] -> pooled float32 features [N, width]: a folded Keras
-    backbone (see `fold_backbone`). Its kernels and biases are non-trainable weights in the
-    layer's compute dtype (bfloat16 under mixed_bfloat16), so no cast runs per batch. It is
-    saved as weights (backups) and in the SavedModel, never as a Keras config: it has none.
+    backbone (see `fold_backbone`). Its kernels and biases are non-trainable float32 weights,
+    cast to the layer's compute dtype (bfloat16 under mixed_bfloat16) when called: variables in
+    float32 are what every tf.distribute strategy can broadcast (MultiWorkerMirroredStrategy's
+    CPU collectives have no bfloat16 kernel) and what a checkpoint or another dtype's serving
+    model reads exactly. It is saved as weights (backups) and in the SavedModel, never as a
+    Keras config: it has none.
 
     All kernels live in one weight (`kernel_values`, flattened one after another) and all
     biases in another, each conv reading its part: a SavedModel's save costs ~2 ms per
@@ -56,7 +60,7 @@ class FoldedBackbone(keras.layers.Layer):
             self.add_weight(
                 shape=(sum(lengths),),
                 initializer="zeros",
-                dtype=self.compute_dtype,
+                dtype="float32",
                 name=name,
                 trainable=False,
                 autocast=False,
@@ -69,6 +73,20 @@ class FoldedBackbone(keras.layers.Layer):
         output channels), in the weights' order."""
         shapes = self.shapes.values()
         return [int(np.prod(shape)) for shape in shapes], [shape[-1] for shape in shapes]
+
+    def folded(self) -> Folded:
+        """This layer's graph and its current (kernel, bias) per conv, in float32: what
+        `folded_layer` builds another layer from (e.g. in another compute dtype)."""
+        sizes, channels = self._lengths()
+        kernels = np.split(self.kernel_values.numpy(), np.cumsum(sizes)[:-1])
+        biases = np.split(self.bias_values.numpy(), np.cumsum(channels)[:-1])
+        params = {
+            name: (kernel.reshape(shape), bias)
+            for (name, shape), kernel, bias in zip(
+                self.shapes.items(), kernels, biases, strict=True
+            )
+        }
+        return Folded(self.steps, params, self.width)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.width)
@@ -85,8 +103,9 @@ class FoldedBackbone(keras.layers.Layer):
         """{conv name: kernel}, {conv name: bias}: one split of each weight, then each kernel
         reshaped (slicing the weights conv by conv made a trace twice as long)."""
         sizes, channels = self._lengths()
-        kernels = tf.split(self.kernel_values.value, sizes)
-        biases = tf.split(self.bias_values.value, channels)
+        dtype = self.compute_dtype
+        kernels = tf.split(tf.cast(self.kernel_values.value, dtype), sizes)
+        biases = tf.split(tf.cast(self.bias_values.value, dtype), channels)
         kernels = [tf.reshape(k, s) for k, s in zip(kernels, self.shapes.values(), strict=True)]
         return dict(zip(self.shapes, kernels, strict=True)), dict(
             zip(self.shapes, biases, strict=True)
@@ -113,9 +132,7 @@ class FoldedBackbone(keras.layers.Layer):
 
     def assign(self, params: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Set every conv's (kernel, bias), given in float32 for each name of `shapes`."""
-        # Written straight into the compute dtype: a float32 copy of all the kernels first
-        # made building the layer 0.4 s instead of 0.05 s.
-        kernels = np.empty(self.kernel_values.shape, self.compute_dtype)
+        kernels = np.empty(self.kernel_values.shape, np.float32)
         start = 0
         for name in self.shapes:
             kernel = params[name][0].reshape(-1)
@@ -123,7 +140,7 @@ class FoldedBackbone(keras.layers.Layer):
             start += kernel.size
         biases = np.concatenate([params[name][1] for name in self.shapes])
         self.kernel_values.assign(kernels)
-        self.bias_values.assign(biases.astype(self.compute_dtype))
+        self.bias_values.assign(biases.astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -224,12 +241,14 @@ def _step(layer, args: tuple[int, ...], out: int) -> Step:
     raise ValueError(f"{name}: a {type(layer).__name__} layer does not fold")
 
 
-def folded_layer(folded: Folded, input_shape: tuple, name: str = "backbone") -> FoldedBackbone:
-    """A built `FoldedBackbone` holding `folded`'s weights. Call it inside the strategy's scope,
-    under the precision policy the run uses: its weights are created there, in that policy's
-    compute dtype."""
+def folded_layer(
+    folded: Folded, input_shape: tuple, name: str = "backbone", dtype: str | None = None
+) -> FoldedBackbone:
+    """A built `FoldedBackbone` holding `folded`'s weights. Call it inside the strategy's scope;
+    it computes in `dtype` (a dtype or policy name), else in the global precision policy's
+    compute dtype (its weights are float32 either way)."""
     shapes = {conv: kernel.shape for conv, (kernel, _) in folded.params.items()}
-    layer = FoldedBackbone(folded.steps, shapes, folded.width, name=name)
+    layer = FoldedBackbone(folded.steps, shapes, folded.width, name=name, dtype=dtype)
     layer.build(input_shape)
     layer.assign(folded.params)
     return layer

@@ -164,7 +164,6 @@ def _worker(
             "data.batch_size=4",
             "data.augment=true",  # a full forward each step: training lasts long enough to kill
             "train.epochs=100",
-            "train.precision=float32",
             "distribute.timeout_seconds=60",
             *overrides,
         ],

@@ -33,14 +33,14 @@ INDEXED_JOB = {
     "TRAINER_SERVICE": "hotdog-workers",
     "TRAINER_PORT": "2222",
 }
-# Global batch 16 everywhere: 16 on one device, 8 per replica on two replicas. float32: the
-# comparisons are to 1e-4; bfloat16 rounding would depend on how oneDNN splits a batch.
+# Global batch 16 everywhere: 16 on one device, 8 per replica on two replicas. The precision is
+# the default (auto): where it resolves to a low precision (a CPU with bf16), rounding depends on
+# how oneDNN splits a batch, and the comparisons loosen (see _assert_same_model).
 SMALL_RUN = [
     "model.weights=null",
     "data.image_size=32",
     "train.epochs=2",
     "model.dropout=0",
-    "train.precision=float32",
     "storage.feature_cache=null",  # every run's backbone pass runs (tests/test_fast.py: cached)
 ]
 
@@ -279,13 +279,15 @@ def _test_images(folders) -> list[str]:
 def _assert_same_model(run_dir: str, reference_dir: str, folders) -> None:
     metrics = json.loads(Path(run_dir, "metrics.json").read_text())
     reference = json.loads(Path(reference_dir, "metrics.json").read_text())
+    assert metrics["precision"] == reference["precision"]
+    exact = metrics["precision"] == "float32"  # else bfloat16's 8 bits of mantissa
     assert metrics["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-6)
-    assert metrics["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-3)
+    assert metrics["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-3 if exact else 0.1)
     images = _test_images(folders)
     np.testing.assert_allclose(
         _serve(f"{run_dir}/saved_model", images),
         _serve(f"{reference_dir}/saved_model", images),
-        atol=1e-4,
+        atol=1e-4 if exact else 3e-2,
     )
 
 

@@ -6,6 +6,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests.conftest import SMALL, last_error_line, make_folders, run_trainer, trainer_env
 from trainer import TrainerError
@@ -94,20 +95,79 @@ def test_offline_imagenet_download_names_both_remedies(tmp_path):
     assert "model.weights=/path/to/" in line
 
 
-def test_backbone_is_frozen_and_its_batchnorm_stays_in_inference_mode():
+def _realistic_batchnorm(backbone: keras.Model, seed: int) -> None:
+    """Moving statistics far from a random init's identity (mean 0, variance 1), as trained
+    weights have them: batch statistics then give visibly different activations."""
+    rng = np.random.default_rng(seed)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            width = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 2, width).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 5, width).astype("float32"))
+
+
+def _moving_statistics(backbone: keras.Model) -> dict[str, np.ndarray]:
+    return {
+        w.path: np.array(w.numpy())
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for w in (layer.moving_mean, layer.moving_variance)
+    }
+
+
+def test_fine_tuning_trains_the_top_convs_and_leaves_batchnorm_in_inference_mode(tmp_path):
+    """What train=finetune does to the backbone: Keras' fit passes training=True down to the
+    nested ResNet50, so its BatchNorm layers must stay non-trainable to keep normalizing with
+    (and keeping) their moving statistics, as Keras' transfer-learning guide does."""
+    from trainer.model import unfreeze_from
+    from trainer.train import fit
+
+    keras.utils.set_random_seed(0)
+    model = build_model(num_classes=2, image_size=SIZE, weights=None, dropout=0.0, fold=False)
+    backbone = model.get_layer("backbone")
+    _realistic_batchnorm(backbone, seed=1)
+    statistics = _moving_statistics(backbone)
+    conv = backbone.get_layer("conv5_block3_3_conv")
+    conv_before = np.array(conv.kernel.numpy())
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
+    labels = rng.integers(0, 2, 16)
+
+    unfreeze_from(model, "conv5_block1_1_conv")
+    fit(
+        model,
+        tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(8),
+        None,
+        learning_rate=1e-3,
+        epochs=2,
+        initial_epoch=0,
+        total_epochs=2,
+        log_dir=str(tmp_path / "logs"),
+        phase="fine-tune",
+    )
+
+    assert not np.allclose(conv.kernel.numpy(), conv_before), "conv5 was not fine-tuned"
+    after = _moving_statistics(backbone)
+    for path, values in statistics.items():
+        np.testing.assert_array_equal(after[path], values, err_msg=path)
+    extractor = feature_extractor(model)
+    np.testing.assert_allclose(
+        extractor(pixels[:4], training=True), extractor(pixels[:4], training=False), rtol=1e-5
+    )
+    assert all(
+        not layer.trainable
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+
+
+def test_only_the_head_trains_while_the_backbone_is_frozen():
     keras.utils.set_random_seed(0)
     model = build_model(num_classes=3, image_size=SIZE, weights=None, dropout=0.5)
-    pixels = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
-
     assert [w.path for w in model.trainable_weights] == [
         "head/probabilities/kernel",
         "head/probabilities/bias",
     ]
-    extractor = feature_extractor(model)
-    # training=True would switch BatchNorm to batch statistics; the backbone must ignore it.
-    np.testing.assert_allclose(
-        extractor(pixels, training=True), extractor(pixels, training=False), rtol=1e-6
-    )
     assert model.output.dtype == "float32"
 
 

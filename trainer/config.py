@@ -34,6 +34,14 @@ class Precision(Enum):
     mixed_bfloat16 = "mixed_bfloat16"
 
 
+class ServingDtype(Enum):
+    """What the exported backbone computes in, whatever train.precision was."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class JitCompile(Enum):
     """XLA on/off. Hydra parses `=true`/`=false` as booleans, which OmegaConf will not take for
     an Enum; `enum_overrides` turns them back into these names before Hydra composes."""
@@ -86,6 +94,8 @@ class DistributeConfig:
 class OutputConfig:
     dir: str = "${hydra:runtime.output_dir}"  # local or gs://; each run and sweep job its own
     overwrite: bool = False  # true: replace a finished run's outputs in dir
+    # float32 serves on every CPU and GPU; bfloat16/float16 only where the hardware has them
+    serving_dtype: ServingDtype = ServingDtype.float32
 
 
 @dataclass

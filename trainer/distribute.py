@@ -227,6 +227,37 @@ def worker_shard(strategy: tf.distribute.Strategy) -> tuple[int, int]:
     return cluster.workers, cluster.index
 
 
+def device_kinds(strategy: tf.distribute.Strategy) -> list[str]:
+    """The kinds of device ("CPU", "GPU") this process's replicas run on. The default strategy
+    has no `worker_devices` (it raises RuntimeError): it runs on the first GPU, else the CPU."""
+    try:
+        devices = strategy.extended.worker_devices
+    except (AttributeError, RuntimeError):
+        devices = [(tf.config.list_logical_devices("GPU") or ["CPU"])[0]]
+    kinds = {tf.DeviceSpec.from_string(str(getattr(d, "name", d))).device_type for d in devices}
+    return sorted(kind or "CPU" for kind in kinds)
+
+
+def runtime(strategy: tf.distribute.Strategy) -> dict:
+    """What the run resolved (for metrics.json): the strategy, replicas, device kinds, and the
+    precision policy in force."""
+    import keras
+
+    names = {
+        "MirroredStrategy": "mirrored",
+        "CollectiveAllReduceStrategy": "multi_worker",
+        "MultiWorkerMirroredStrategy": "multi_worker",
+    }
+    classes = {cls.__name__ for cls in type(strategy).__mro__}
+    kind = next((name for cls, name in names.items() if cls in classes), "default")
+    return {
+        "strategy": kind,
+        "replicas": strategy.num_replicas_in_sync,
+        "devices": device_kinds(strategy),
+        "precision": keras.mixed_precision.global_policy().name,
+    }
+
+
 def _cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -276,8 +307,11 @@ def choose_jit_compile(jit_compile, strategy: tf.distribute.Strategy | None = No
         return "auto" if tf.config.list_logical_devices("GPU") else False
     if value == "false":
         return False
-    devices = getattr(getattr(strategy, "extended", None), "worker_devices", ())
-    if strategy is not None and strategy.num_replicas_in_sync > 1 and "GPU" not in str(devices):
+    if (
+        strategy is not None
+        and strategy.num_replicas_in_sync > 1
+        and "GPU" not in device_kinds(strategy)
+    ):
         # XLA runs one CPU device; replicas on simulated CPU devices fail with "Trying to access
         # resource ... located in device CPU:1 from device CPU:0".
         log.warning("train.jit_compile=true: XLA cannot span several CPU devices; XLA off")

@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
             seed=cfg.seed,
             share=share,
             digests=digests,
+            serving_dtype=cfg.output.serving_dtype.value,
         )
         return train_and_export(ctx, model=model, cfg=cfg, weights=weights, started=started)
     finally:
@@ -108,7 +109,8 @@ def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, starte
     trained = train_phases(
         ctx, model=model, augment=cfg.data.augment, schedule=schedule, time_limit=time_limit
     )
-    result = evaluate_model(ctx, model=model, test_features=trained.test_features)
+    serving = build_serving(ctx, model=model)
+    result = evaluate_model(ctx, model=serving, test_features=trained.test_features)
     metrics = report(
         ctx,
         result=result,
@@ -122,7 +124,7 @@ def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, starte
     time_limit.check(f"{ctx.output.uri}/{rundir.METRICS}")
     SIGTERM.check()  # before the export: the backup stays, and the retry exports
     check_min_accuracy(ctx, metrics=metrics, min_accuracy=t.min_accuracy)
-    export(ctx, model=model, metrics=metrics, config_yaml=config_yaml, started=started)
+    export(ctx, model=serving, metrics=metrics, config_yaml=config_yaml, started=started)
     publish(ctx)
     return metrics
 
@@ -136,12 +138,13 @@ def start_runtime(
     from trainer.distribute import choose_precision, choose_strategy
     from trainer.train import SIGTERM
 
-    # Before this, SIGTERM's default action ends the process; from here on it ends training
-    # at a step boundary with a backup written (see trainer/train.py).
-    SIGTERM.install()
     # The strategy first: simulated devices and the multi-worker runtime must be set up before
     # TensorFlow runs anything (seeding included).
     chosen = choose_strategy(strategy, simulate_devices, timeout_seconds)
+    # Until now SIGTERM's default action ends the process; from here on it ends training at a
+    # step boundary with a backup written (see trainer/train.py). After the strategy: the
+    # multi-worker runtime installs a SIGTERM handler of its own that would replace ours.
+    SIGTERM.install()
     keras.utils.set_random_seed(seed)
     choose_precision(precision)
     return chosen
@@ -162,6 +165,7 @@ def make_context(
     findings: Findings,
     feature_cache: str | None,
     digests: dict[str, str],
+    serving_dtype: str,
 ) -> RunContext:
     """Leave out (or refuse) the undecodable images of the scan's `findings` (the chief keeps
     them in storage.feature_cache), size the batch, and gather what the phases share; a worker
@@ -200,6 +204,7 @@ def make_context(
         seed=seed,
         digests={**digests, **findings.digests},
         sharded_staging=share[0] > 1,
+        serving_dtype=serving_dtype,
     )
 
 
@@ -258,11 +263,22 @@ def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
     )
 
 
+def build_serving(ctx: RunContext, *, model):
+    """The model the export holds and the test set judges: the trained head on the backbone
+    folded in output.serving_dtype (trainer/model.py)."""
+    from trainer.model import serving_model
+
+    with ctx.strategy.scope():
+        return serving_model(model, ctx.serving_dtype)
+
+
 def evaluate_model(ctx: RunContext, *, model, test_features) -> dict:
-    """Accuracy, loss, confusion matrix and predictions on the test set: on cached features
-    when the backbone never changed (the numbers the full model gives, without another
-    backbone pass), else on images. Both give every worker all test predictions, in order."""
+    """Accuracy, loss, confusion matrix and predictions of the serving `model` on the test set:
+    on the test features when the backbone never changed (the serving backbone's, so the
+    numbers the full model gives, without another backbone pass), else on images. Both give
+    every worker all test predictions, in order. Non-finite predictions: Diverged (exit 6)."""
     from trainer.features import predict_files
+    from trainer.phases import check_finite
     from trainer.train import evaluate, predict_in_batches
 
     if test_features is not None:
@@ -270,13 +286,16 @@ def evaluate_model(ctx: RunContext, *, model, test_features) -> dict:
     else:
         probabilities = predict_files(model, ctx.test, ctx.image_size, ctx.batch, ctx.workers)
     shutil.rmtree(ctx.run_dir.feature_cache, ignore_errors=True)
-    return evaluate(np.asarray(probabilities), ctx.test.labels, len(ctx.classes))
+    probabilities = np.asarray(probabilities)
+    check_finite(probabilities, what="the model's predictions on the test set")
+    return evaluate(probabilities, ctx.test.labels, len(ctx.classes))
 
 
 def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hparams: dict) -> dict:
     """The TensorBoard test report (confusion matrix, misclassified images, HParams) and the
     metrics dict that metrics.json holds."""
     from trainer import tensorboard
+    from trainer.distribute import runtime
 
     predicted = result.pop("predicted")
     wrong = np.flatnonzero(predicted != ctx.test.labels)
@@ -304,7 +323,9 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
         "num_train": len(ctx.train),
         "num_test": len(ctx.test),
         "confusion_matrix": result["confusion_matrix"],
-        "replicas": ctx.strategy.num_replicas_in_sync,
+        **runtime(ctx.strategy),  # strategy, replicas, devices, precision
+        "jit_compile": ctx.jit_compile,
+        "serving_dtype": ctx.serving_dtype,
         "fast_path": fast_path,
         "timings": _timings(ctx),
     }

@@ -2,8 +2,11 @@
 
 The model takes raw 0..255 RGB pixels and applies ResNet50's own `preprocess_input` (caffe
 mode: BGR, ImageNet mean subtracted) inside the graph, so the exported model needs nothing
-else. The backbone is called with `training=False`: its BatchNorm layers stay in inference
-mode even when the top of the backbone is unfrozen for fine-tuning.
+else. The backbone's BatchNorm layers stay in inference mode even when the top of the backbone
+is unfrozen for fine-tuning: Keras 3 hands `fit`'s `training=True` down to nested models
+whatever `training=False` a caller wrote, and a BatchNormalization layer normalizes with its
+moving statistics (and keeps them) only while it is not trainable, so `unfreeze_from` leaves
+every BatchNormalization frozen, as Keras' transfer-learning guide does.
 
 The head standardizes the pooled features with the training set's mean and variance before its
 Dense layer. Pooled ResNet50 features have large, uneven scales (a random-init backbone gives a
@@ -196,11 +199,14 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     )
 
 
+SERVING_KIND = "resnet50-avg-folded"  # the serving model's backbone is always folded
+
+
 def backbone_kind(model: keras.Model) -> str:
     """How `model` computes its features ("resnet50-avg" or "resnet50-avg-folded"): features
     from the two differ in their last bits, so the feature cache keeps them apart."""
     folded = not isinstance(model.get_layer("backbone"), keras.Model)
-    return "resnet50-avg-folded" if folded else "resnet50-avg"
+    return SERVING_KIND if folded else "resnet50-avg"
 
 
 def finetune_start(model: keras.Model, layer_name: str) -> int:
@@ -216,10 +222,28 @@ def finetune_start(model: keras.Model, layer_name: str) -> int:
 
 
 def unfreeze_from(model: keras.Model, layer_name: str) -> int:
-    """Make the backbone trainable from `layer_name` on; return how many layers that unfroze."""
+    """Make the backbone trainable from `layer_name` on, BatchNormalization layers excepted (see
+    the module docstring); return how many layers that unfroze."""
     backbone = model.get_layer("backbone")
     start = finetune_start(model, layer_name)
     backbone.trainable = True
-    for layer in backbone.layers[:start]:
-        layer.trainable = False
-    return len(backbone.layers) - start
+    unfrozen = 0
+    for index, layer in enumerate(backbone.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        unfrozen += layer.trainable
+    return unfrozen
+
+
+def serving_model(model: keras.Model, dtype: str) -> keras.Model:
+    """The trained `model` as the export serves it (output.serving_dtype): the same head on its
+    backbone folded (trainer/fold.py) and computing in `dtype`; `model` itself when it already
+    is that. Build it inside the strategy's scope: it also evaluates the test set."""
+    from trainer.fold import FoldedBackbone, fold, folded_layer
+
+    backbone = model.get_layer("backbone")
+    if isinstance(backbone, FoldedBackbone) and backbone.compute_dtype == dtype:
+        return model
+    folded = backbone.folded() if isinstance(backbone, FoldedBackbone) else fold(backbone)
+    pixels = keras.Input(model.input.shape[1:], name="pixels")
+    serving = folded_layer(folded, (None, *model.input.shape[1:]), dtype=dtype)
+    return keras.Model(pixels, model.get_layer("head")(_features(serving, pixels)), name=model.name)

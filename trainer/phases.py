@@ -43,6 +43,7 @@ class RunContext:
     workers: tuple[int, int]  # (count, index): each worker decodes its own share of files
     jit_compile: bool | str
     seed: int
+    serving_dtype: str = "float32"  # output.serving_dtype: what the export and the test compute in
     timings: dict[str, float] = field(default_factory=dict)
     feature_cache: str = "off"  # hit | miss | off: whether the backbone pass was skipped
     # {local path: digest} of files staged from gs:// (their listing's size and CRC32C): the
@@ -198,20 +199,30 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
 
 def _backbone_features(ctx: RunContext, *, model, schedule: Schedule) -> dict[str, np.ndarray]:
     """{"train": ..., "test": ...}: each split's pooled features, from storage.feature_cache or
-    one backbone pass; records whether the cache had them all and the seconds it took."""
+    one backbone pass; records whether the cache had them all and the seconds it took. The test
+    set's come from the backbone as the export serves it (output.serving_dtype), so the test
+    accuracy is the exported model's; the training set's from the backbone in training."""
     from trainer.features import extract_features
-    from trainer.model import feature_extractor
+    from trainer.model import feature_extractor, serving_model
 
     started = time.perf_counter()
-    extractor = []  # built on the first miss only: a run whose features are all cached needs none
+    models = {"train": model, "test": None}  # the serving model is built on first use only
+
+    def source(name: str):
+        if models[name] is None:
+            with ctx.strategy.scope():
+                models[name] = serving_model(model, ctx.serving_dtype)
+        return models[name]
+
+    extractors = {}  # built on a miss only: a run whose features are all cached needs none
 
     def backbone_pass(name: str, split: Split) -> np.ndarray:
-        if not extractor:
+        if name not in extractors:
             with ctx.strategy.scope():
-                extractor.append(feature_extractor(model))
-                extractor[0].compile(jit_compile=ctx.jit_compile)  # predict() follows this
-        return extract_features(
-            extractor[0],
+                extractors[name] = feature_extractor(source(name))
+                extractors[name].compile(jit_compile=ctx.jit_compile)  # predict() follows this
+        features = extract_features(
+            extractors[name],
             split,
             ctx.image_size,
             ctx.batch,
@@ -220,12 +231,19 @@ def _backbone_features(ctx: RunContext, *, model, schedule: Schedule) -> dict[st
             name,
             ctx.workers,
         )
+        check_finite(features, what=f"the backbone's features of the {name} set")
+        return features
 
-    key_of = _key_of(ctx, model=model, schedule=schedule) if schedule.feature_cache else None
+    key_of = _key_of(ctx, schedule=schedule) if schedule.feature_cache else None
     features, hits = {}, []
     for name, split in (("train", ctx.train), ("test", ctx.test)):
         features[name], hit = _cached_features(
-            ctx, name=name, split=split, schedule=schedule, key_of=key_of, compute=backbone_pass
+            ctx,
+            name=name,
+            split=split,
+            schedule=schedule,
+            key=key_of(split, model if name == "train" else None) if key_of else None,
+            compute=backbone_pass,
         )
         hits.append(hit)
     if schedule.feature_cache:
@@ -234,26 +252,42 @@ def _backbone_features(ctx: RunContext, *, model, schedule: Schedule) -> dict[st
     return features
 
 
-def _key_of(ctx: RunContext, *, model, schedule: Schedule):
-    """split -> its feature cache key. What the splits share is computed once: the weights'
-    digest reads the whole weights file."""
-    import keras
+def check_finite(values: np.ndarray, *, what: str, chunk: int = 4096) -> None:
+    """Diverged (exit 6) naming `what` if any of `values` (an array or a spilled memmap, read
+    chunk by chunk) is NaN or infinite: no model trained on or judged by them is exported."""
+    from trainer import Diverged
 
-    from trainer import feature_cache
-    from trainer.model import backbone_kind
-
-    key = functools.partial(
-        feature_cache.feature_key,
-        weights=feature_cache.weights_digest(schedule.weights, seed=ctx.seed),
-        image_size=ctx.image_size,
-        precision=keras.mixed_precision.global_policy().name,
-        backbone=backbone_kind(model),
+    bad = sum(
+        int(np.count_nonzero(~np.isfinite(values[lo : lo + chunk])))
+        for lo in range(0, len(values), chunk)
     )
-    return lambda split: key(files=feature_cache.file_digests(split.files, known=ctx.digests))
+    if bad:
+        raise Diverged(f"{what}: {bad} non-finite value(s) (NaN or inf); nothing exported")
+
+
+def _key_of(ctx: RunContext, *, schedule: Schedule):
+    """(split, the model computing its features, or None for the serving model) -> its
+    feature cache key. What the splits share is computed once: the weights' digest reads the
+    whole weights file."""
+    from trainer import feature_cache
+    from trainer.model import SERVING_KIND, backbone_kind
+
+    weights = feature_cache.weights_digest(schedule.weights, seed=ctx.seed)
+
+    def key(split: Split, model) -> str:
+        return feature_cache.feature_key(
+            files=feature_cache.file_digests(split.files, known=ctx.digests),
+            weights=weights,
+            image_size=ctx.image_size,
+            precision=model.get_layer("backbone").compute_dtype if model else ctx.serving_dtype,
+            backbone=backbone_kind(model) if model else SERVING_KIND,
+        )
+
+    return key
 
 
 def _cached_features(
-    ctx: RunContext, *, name: str, split: Split, schedule: Schedule, key_of, compute
+    ctx: RunContext, *, name: str, split: Split, schedule: Schedule, key: str | None, compute
 ):
     """(features of `split`, whether storage.feature_cache had them). One worker: the cache's
     claim-or-wait protocol. Several: the backbone pass is a collective, so all workers agree
@@ -265,7 +299,6 @@ def _cached_features(
     if not schedule.feature_cache:
         return compute(name, split), False
     uri = schedule.feature_cache
-    key = key_of(split)
     load = {
         "rows": len(split),
         "local_dir": ctx.run_dir.feature_cache,

@@ -95,7 +95,7 @@ def test_augmented_run_with_finetuning_trains_the_full_model_and_may_overwrite(
     log = result.stdout
     assert "full forward each step (data.augment=true)" in log
     assert "features cached" not in log
-    assert "fine-tuning: 33 backbone layers from conv5_block1_1_conv unfrozen" in log
+    assert "fine-tuning: 23 backbone layers from conv5_block1_1_conv unfrozen" in log
     assert "epoch 2/2 (fine-tune)" in log
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fast_path"] is False and metrics["epochs"] == 2

@@ -94,8 +94,7 @@ class DistributeConfig:
 class OutputConfig:
     dir: str = "${hydra:runtime.output_dir}"  # local or gs://; each run and sweep job its own
     overwrite: bool = False  # true: replace a finished run's outputs in dir
-    # float32 serves on every CPU and GPU; bfloat16/float16 only where the hardware has them
-    serving_dtype: ServingDtype = ServingDtype.float32
+    serving_dtype: ServingDtype = ServingDtype.float32  # the export's; float32 serves anywhere
 
 
 @dataclass

@@ -387,7 +387,7 @@ def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None
     with ctx.strategy.scope():
         unfrozen = unfreeze_from(model, schedule.finetune_from)
     log.info(
-        "fine-tuning: %d backbone layers from %s unfrozen, lr %g",
+        "fine-tuning: %d backbone layers from %s unfrozen (BatchNorm stays frozen), lr %g",
         unfrozen,
         schedule.finetune_from,
         schedule.finetune_learning_rate,

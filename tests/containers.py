@@ -94,6 +94,7 @@ class Engine:
     root: Path
 
     def __post_init__(self):
+        object.__setattr__(self, "root", self.root.resolve())  # podman wants absolute paths
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "storage.conf").write_text(
             "[storage]\n"
@@ -137,7 +138,11 @@ class Engine:
         return result
 
     def exists(self, image: str) -> bool:
-        return self.command("podman", "image", "exists", image, check=False).returncode == 0
+        """Whether the storage holds `image` (podman exits 1 for no, more for an error)."""
+        found = self.command("podman", "image", "exists", image, check=False)
+        if found.returncode not in (0, 1):
+            raise RuntimeError(f"podman image exists {image}: {found.stderr[-3000:]}")
+        return found.returncode == 0
 
     def size(self, image: str) -> int:
         """The image's size in bytes, all layers (podman's figure)."""
@@ -175,8 +180,10 @@ def stand_in_base(engine: Engine) -> str:
     mirror, index = debian_mirror(), pip_setting("index-url")
     cert = pip_setting("cert")
     ca = Path(cert).read_bytes() if cert and Path(cert).is_file() else None
-    name = f"{BASE_NAME}:{base_key(mirror=mirror, index=index, ca=ca)}"
+    key = base_key(mirror=mirror, index=index, ca=ca)
+    name = f"{BASE_NAME}:{key}"
     if not engine.exists(name):
+        _forget_stand_ins(engine, but=key)
         os_image = _debian_image(engine, mirror=mirror, tag=name.replace("-base:", "-os:"))
         with tempfile.TemporaryDirectory(dir=engine.root) as context:
             _write_base_context(Path(context), os_image=os_image, index=index, ca=ca)
@@ -184,6 +191,14 @@ def stand_in_base(engine: Engine) -> str:
                 Path(context), tag=name, dockerfile=Path(context) / "Containerfile", build_args={}
             )
     return name
+
+
+def _forget_stand_ins(engine: Engine, *, but: str) -> None:
+    """Stand-ins of another recipe or machine setting (2.5 GB each) go before a new one."""
+    listed = engine.command("podman", "images", "--format", "{{.Repository}}:{{.Tag}}")
+    for image in listed.stdout.split():
+        if image.startswith("localhost/trainer-stand-in-") and not image.endswith(f":{but}"):
+            engine.command("podman", "rmi", "--force", image, check=False)
 
 
 def _debian_image(engine: Engine, *, mirror: str, tag: str) -> str:

@@ -35,12 +35,8 @@ from tests.conftest import (
 )
 from trainer import kube
 
-pytestmark = [
-    pytest.mark.container,
-    pytest.mark.skipif(
-        containers.missing_tools() is not None, reason=str(containers.missing_tools())
-    ),
-]
+WHY_NOT = containers.missing_tools()
+pytestmark = [pytest.mark.container, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
 
 TEST_IMAGE = f"localhost/trainer-under-test:{os.getpid()}"
 MB = 1e6
@@ -306,6 +302,7 @@ def test_sigterm_to_pid_1_leaves_a_backup_and_exit_143_and_a_new_pod_resumes(
 
 
 def last_error_line_of(stderr: str) -> str:
+    """The line a user reads, from stderr written to a file."""
     return last_error_line(subprocess.CompletedProcess([], 0, "", stderr))
 
 

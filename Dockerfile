@@ -1,7 +1,10 @@
 # The trainer image: TensorFlow's official GPU image + this project + ResNet50's ImageNet weights.
 #   docker build -t IMAGE .                          (--build-arg FETCH_WEIGHTS=0 to skip the weights)
 #   docker run --rm IMAGE experiment=demo ...        (arguments are Hydra overrides)
-FROM tensorflow/tensorflow:2.21.0-gpu
+# The base is an argument only so tests can build on a stand-in where this one cannot be pulled
+# (tests/containers.py); users keep the default.
+ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
+FROM ${BASE_IMAGE}
 
 ARG FETCH_WEIGHTS=1
 ENV PYTHONDONTWRITEBYTECODE=1 \

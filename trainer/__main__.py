@@ -7,15 +7,16 @@ directory (train.log, .hydra/) is output.dir when one is set (trainer/hydra_run.
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import logging
 import os
 import sys
 
 # TensorFlow and Keras build large object graphs: their modules at import, FuncGraphs and layers
-# in every run. With Python's default thresholds (700, 10, 10) the collector ran full passes ~10
-# times in an 8-point local sweep (1.7 s of 20 s) and the Keras import took 0.35 s longer; at
-# (10000, 10, 10) that sweep ran one full pass, in 17.3 s, with the same peak memory.
+# in every run, which Python's default thresholds (700, 10, 10) make the collector walk in full
+# passes again and again. What that cost, measured: docs/performance.md, "Collector thresholds".
 gc.set_threshold(10_000, 10, 10)
 
 from trainer.quiet import quiet_tensorflow_startup  # noqa: E402
@@ -42,6 +43,7 @@ from trainer import (  # noqa: E402
 )
 from trainer.config import enum_overrides, register_configs  # noqa: E402
 from trainer.kube import sweep_point_overrides  # noqa: E402
+from trainer.timings import process_seconds  # noqa: E402
 
 register_configs()
 
@@ -56,14 +58,22 @@ _CONF = (
 )
 
 
+# Counts the runs of this process: the first one's metrics.json gets the process' start-up.
+_RUNS = itertools.count()
+
+
 @hydra.main(version_base="1.3", config_path=_CONF, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from trainer.job import run
 
+    # Python, the imports and Hydra's config, for metrics.json's timings; a sweep's later
+    # points start in a process long up.
+    startup_s = process_seconds() if next(_RUNS) == 0 else None
     # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
     # In a multirun, _fail raises the code to Hydra instead, and the sweep goes on.
     try:
-        return sweep.run_point(run, cfg)["test_accuracy"]  # output.dir/N in a sweep
+        run_once = functools.partial(run, startup_s=startup_s)
+        return sweep.run_point(run_once, cfg)["test_accuracy"]  # output.dir/N in a sweep
     except Exception as error:
         known, line = _known(error)
         if known is None:
@@ -133,7 +143,8 @@ def _main() -> None:
 
 def _leave(code: int) -> None:
     """Exit as soon as the job is done or has failed: the interpreter's teardown of
-    TensorFlow's objects took ~1 s after the last line, and it would wait for work still
+    TensorFlow's objects takes about a second after the last line (docs/performance.md, "Exit
+    at once"), and it would wait for work still
     running on other threads (the bad-image scan, when building the model failed); neither
     does anything a user needs (outputs are published, their writers closed). Log handlers
     (train.log) and both streams are flushed first."""

@@ -317,7 +317,7 @@ def decode_files(
 ) -> np.ndarray:
     """A few images (TensorBoard's samples, misclassified test images) decoded and resized as
     `image_dataset` does, then augmented if `augment`: float32 [n, S, S, 3]. Eagerly: a tf.data
-    pipeline took longer to build (0.09 s) than 16 images take to decode this way (0.03 s)."""
+    pipeline takes longer to build than 16 images take to decode this way (docs/performance.md)."""
     import tensorflow as tf
 
     pixels = tf.stack([decode_image(tf.io.read_file(path), image_size) for path in files])

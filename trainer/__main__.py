@@ -144,10 +144,10 @@ def _main() -> None:
 def _leave(code: int) -> None:
     """Exit as soon as the job is done or has failed: the interpreter's teardown of
     TensorFlow's objects takes about a second after the last line (docs/performance.md, "Exit
-    at once"), and it would wait for work still
-    running on other threads (the bad-image scan, when building the model failed); neither
-    does anything a user needs (outputs are published, their writers closed). Log handlers
-    (train.log) and both streams are flushed first."""
+    at once"), and it would wait for work still running on other threads (the bad-image scan,
+    when building the model failed); neither does anything a user needs (outputs are
+    published, their writers closed). Log handlers (train.log) and both streams are flushed
+    first."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -60,8 +60,7 @@ def process_seconds() -> float | None:
             fields = f.read().rsplit(")", 1)[1].split()
         with open("/proc/uptime", encoding="ascii") as f:
             uptime = float(f.read().split()[0])
-        return max(
-            0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        )  # field 22: starttime, in clock ticks since boot
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: ticks since boot
+        return max(0.0, uptime - started)
     except (OSError, ValueError, IndexError):
         return None

@@ -28,13 +28,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer import TrainerError, config_error_line, kube  # noqa: E402
+from trainer import ExitCode, TrainerError, config_error_line, kube  # noqa: E402
 
 DEFAULT_IMAGE = os.environ.get("TRAINER_IMAGE", kube.PLACEHOLDER_IMAGE)
 
 
 class SubmitError(Exception):
-    """A problem with the command line or the overrides; one line, exit code 2."""
+    """A problem with the command line or the overrides; one line."""
+
+    exit_code = ExitCode.USER_ERROR
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         documents = yaml.safe_dump_all(render(args, combos), sort_keys=False)
         if args.dry_run:
             print(documents, end="")
-            return 0
+            return ExitCode.OK
         if shutil.which("kubectl") is None:
             raise SubmitError("kubectl not found on PATH (use --dry-run to print the manifests)")
         applied = subprocess.run(["kubectl", "apply", "-f", "-"], input=documents, text=True)
@@ -239,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             return applied.returncode
     except SubmitError as error:
         print(f"submit: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     points = f"{len(combos)} sweep points" if args.multirun else f"{args.workers} worker(s)"
     print(f"submitted {args.name}: {points}. Follow it with:")
     for line in follow_up(args):
         print("  " + line)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -13,47 +13,10 @@ import signal
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts.bench import CONTEXT_KEYS, FIGURE_KEYS
+from scripts.bench.harness import PHASES, REST, trainer_result
 
-# The contract: these exact names, positive numbers.
-REQUIRED = {
-    "floor_s",
-    "trainer_s",
-    "trainer_peak_rss_mb",
-    "trainer_accuracy",
-    "keras_guide_s",
-    "keras_guide_accuracy",
-    "seed_recipe_s",
-    "seed_recipe_accuracy",
-    "trainer_backbone_s",
-    "trainer_head_s",
-    "trainer_export_s",
-    "trainer_startup_s",
-}
-# How the figures were made, so the file can be judged on its own.
-CONTEXT = {
-    "trainer_feature_cache",
-    "skipped",
-    "floor_batch_size",
-    "floor_cpu_s",
-    "floor_folded_s",
-    "floor_folded_cpu_s",
-    "trainer_cpu_s",
-    "keras_guide_cpu_s",
-    "seed_recipe_cpu_s",
-    "keras_guide_peak_rss_mb",
-    "seed_recipe_peak_rss_mb",
-    "trainer_phases_s",
-    "train_images",
-    "test_images",
-    "image_size",
-    "epochs",
-    "weights",
-    "machine",
-    "load_average",
-    "started_utc",
-    "dataset_generation_s",
-}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _benchmark(tmp_path, *flags: str) -> tuple[dict, str]:
@@ -93,8 +56,8 @@ def _benchmark(tmp_path, *flags: str) -> tuple[dict, str]:
 
 def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     figures, stdout = _benchmark(tmp_path)
-    assert set(figures) == REQUIRED | CONTEXT
-    for key in REQUIRED:
+    assert set(figures) == set(FIGURE_KEYS) | set(CONTEXT_KEYS)
+    for key in FIGURE_KEYS:
         value = figures[key]
         assert isinstance(value, (int, float)) and not isinstance(value, bool), key
         if key.endswith("_accuracy"):
@@ -103,7 +66,12 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
             assert value > 0, (key, value)
     assert all(figures[f"{run}_cpu_s"] > 0 for run in ("floor", "trainer", "keras_guide"))
     assert (figures["train_images"], figures["test_images"]) == (8, 4)
-    assert "backbone pass: train set" in figures["trainer_phases_s"]
+    # Every step the run took (no fine-tuning), from metrics.json's timings, and the rest of the
+    # trainer's process time: together, all of it.
+    phases = figures["trainer_phases_s"]
+    assert list(phases) == [label for key, label in PHASES if key != "finetune_s"] + [REST]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert abs(sum(phases.values()) - figures["trainer_s"]) < 0.1
     assert figures["trainer_feature_cache"] == "miss"  # a first run: the backbone pass ran
     assert figures["trainer_startup_s"] < figures["trainer_s"]
     assert "| trainer (`python -m trainer`) |" in stdout  # the markdown table
@@ -135,3 +103,15 @@ def test_benchmark_refuses_an_unknown_row_and_a_one_point_sweep(tmp_path):
             [sys.executable, script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_trainer_row_reads_its_phases_from_metrics_json_not_its_log(tmp_path):
+    timings = {"startup_s": 1.0, "inputs_s": 0.25, "runtime_s": 1.5, "backbone_pass_s": 3.0}
+    metrics = {"test_accuracy": 0.75, "timings": {**timings, "feature_cache": "miss"}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "_SUCCESS").write_text("")
+
+    result = trainer_result(out=str(tmp_path), seconds=7.0, log_path="no such log")
+
+    assert result["accuracy"] == 0.75 and result["startup_s"] == 2.75  # to the scan's start
+    assert list(result["phases"].values()) == [1.0, 0.25, 1.5, 3.0, 1.25]  # the rest: 1.25

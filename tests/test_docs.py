@@ -166,3 +166,12 @@ def test_readme_demo_generates_the_folders_the_demo_preset_reads():
     preset = yaml.safe_load((REPO / "conf" / "data" / "demo.yaml").read_text(encoding="utf-8"))
     # trainer.synthetic writes ROOT/train and ROOT/test; the preset must read exactly those.
     assert (preset["train_dir"], preset["test_dir"]) == (f"{root}/train", f"{root}/test")
+
+
+def test_readme_exit_code_table_lists_every_exit_code_the_trainer_defines():
+    from trainer import ExitCode
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
+    assert documented == {int(code) for code in ExitCode}

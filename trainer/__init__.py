@@ -1,28 +1,62 @@
 """Fine-tune a frozen ImageNet ResNet50 on image folders; see README.md and docs/architecture.md."""
 
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """The trainer's exit codes (README's table), defined here only: `__main__` exits with
+    them, `kube`'s podFailurePolicy, `sweep` and the Kubernetes launcher derive from them."""
+
+    OK = 0  # model exported, _SUCCESS written
+    CRASH = 1  # a bug, GCS unavailable past its retries, a worker that never joined
+    USER_ERROR = 2  # bad config or data: one line naming the key, path or file
+    BELOW_MIN_ACCURACY = 3  # trained, below train.min_accuracy: metrics written, no export
+    LOST_PEER = 4  # multi-worker: another worker is gone; the Job's retry restarts every worker
+    TIME_LIMIT = 5  # train.max_hours reached: metrics written, no export
+    DIVERGED = 6  # NaN or inf loss, features or predictions: nothing exported
+    INTERRUPTED = 130  # 128 + SIGINT: the Kubernetes launcher stopped by Ctrl-C or SIGTERM
+    PREEMPTED = 143  # 128 + SIGTERM: stopped with a backup; the same command resumes
+
 
 class TrainerError(Exception):
-    """A problem the user can fix (config, data, paths, weights). Exit code 2, one line."""
+    """A problem the user can fix (config, data, paths, weights): one line."""
+
+    exit_code = ExitCode.USER_ERROR
 
 
 class LostPeer(Exception):
-    """Multi-worker training lost another worker (preempted, crashed, unreachable). Exit code 4:
-    the Job's podFailurePolicy ignores it and its retry restarts every worker from the backup."""
+    """Multi-worker training lost another worker (preempted, crashed, unreachable): the Job's
+    podFailurePolicy ignores its code and its retry restarts every worker from the backup."""
+
+    exit_code = ExitCode.LOST_PEER
 
 
 class TimeLimitReached(Exception):
     """`train.max_hours` passed: training stopped at a step boundary, the model was evaluated and
-    metrics written, nothing exported. Exit code 5 (a sweep's podFailurePolicy fails the point)."""
+    metrics written, nothing exported (a sweep's podFailurePolicy fails the point)."""
+
+    exit_code = ExitCode.TIME_LIMIT
 
 
 class Diverged(Exception):
     """The loss, the backbone's features or the predictions became NaN or infinite: nothing is
-    exported. Exit code 6, which the Job's podFailurePolicy treats as permanent (a retry from
-    the same inputs diverges again)."""
+    exported, and the Job's podFailurePolicy treats the code as permanent (a retry from the
+    same inputs diverges again)."""
+
+    exit_code = ExitCode.DIVERGED
 
 
 class BelowMinAccuracy(Exception):
-    """The run trained but missed `train.min_accuracy`. Exit code 3; metrics written, no export."""
+    """The run trained but missed `train.min_accuracy`; metrics written, no export."""
+
+    exit_code = ExitCode.BELOW_MIN_ACCURACY
+
+
+class Preempted(Exception):
+    """SIGTERM (node preemption, eviction, `kubectl delete`): stopped after flushing a backup
+    (trainer/train.py); the Job's retry resumes from it."""
+
+    exit_code = ExitCode.PREEMPTED
 
 
 def config_error_line(error: BaseException) -> str:

@@ -1,22 +1,22 @@
 """`python -m trainer [overrides]`: Hydra entry point.
 
-Composes the config, runs the job, maps errors to exit codes (README's table: 2 bad config or
-data, 3 below `train.min_accuracy`, 4 a lost peer, 5 `train.max_hours`, 6 diverged, 143
-SIGTERM) and returns the test accuracy, which Hydra sweepers optimize. Hydra's run
+Composes the config, runs the job, maps errors to their exit codes (`trainer.ExitCode`,
+README's table) and returns the test accuracy, which Hydra sweepers optimize. Hydra's run
 directory (train.log, .hydra/) is output.dir when one is set (trainer/hydra_run.py).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import logging
 import os
 import sys
 
 # TensorFlow and Keras build large object graphs: their modules at import, FuncGraphs and layers
-# in every run. With Python's default thresholds (700, 10, 10) the collector ran full passes ~10
-# times in an 8-point local sweep (1.7 s of 20 s) and the Keras import took 0.35 s longer; at
-# (10000, 10, 10) that sweep ran one full pass, in 17.3 s, with the same peak memory.
+# in every run, which Python's default thresholds (700, 10, 10) make the collector walk in full
+# passes again and again. What that cost, measured: docs/performance.md, "Collector thresholds".
 gc.set_threshold(10_000, 10, 10)
 
 from trainer.quiet import quiet_tensorflow_startup  # noqa: E402
@@ -32,7 +32,9 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from trainer import (  # noqa: E402
     BelowMinAccuracy,
     Diverged,
+    ExitCode,
     LostPeer,
+    Preempted,
     TimeLimitReached,
     TrainerError,
     config_error_line,
@@ -41,6 +43,7 @@ from trainer import (  # noqa: E402
 )
 from trainer.config import enum_overrides, register_configs  # noqa: E402
 from trainer.kube import sweep_point_overrides  # noqa: E402
+from trainer.timings import process_seconds  # noqa: E402
 
 register_configs()
 
@@ -55,43 +58,51 @@ _CONF = (
 )
 
 
+# Counts the runs of this process: the first one's metrics.json gets the process' start-up.
+_RUNS = itertools.count()
+
+
 @hydra.main(version_base="1.3", config_path=_CONF, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from trainer.job import run
 
+    # Python, the imports and Hydra's config, for metrics.json's timings; a sweep's later
+    # points start in a process long up.
+    startup_s = process_seconds() if next(_RUNS) == 0 else None
     # Exit from inside the job: Hydra would otherwise add its own "Error executing job" report.
     # In a multirun, _fail raises the code to Hydra instead, and the sweep goes on.
     try:
-        return sweep.run_point(run, cfg)["test_accuracy"]  # output.dir/N in a sweep
-    except TrainerError as error:
-        _fail(2, f"trainer: error: {error}", error)
-    except BelowMinAccuracy as error:
-        _fail(3, f"trainer: {error}", error)
-    except TimeLimitReached as error:
-        _fail(5, f"trainer: {error}", error)
-    except Diverged as error:
-        _fail(6, f"trainer: diverged: {error}", error)
+        run_once = functools.partial(run, startup_s=startup_s)
+        return sweep.run_point(run_once, cfg)["test_accuracy"]  # output.dir/N in a sweep
     except Exception as error:
-        code, line = _exit_for(error)
-        if code is None:
+        known, line = _known(error)
+        if known is None:
             raise
-        _fail(code, line, error)
+        _fail(known.exit_code, line.format(known), error)
     finally:
         hydra_run.undo_unused_run_dir()
 
 
-def _exit_for(error: Exception) -> tuple[int | None, str]:
-    """Exit 143 for a preemption, 4 for a lost peer worker, None for a crash. The modules are
-    looked up, not imported: they load TensorFlow, and unloaded means neither could happen."""
-    train = sys.modules.get("trainer.train")
-    if train is not None and isinstance(error, train.Preempted):
-        # 128 + SIGTERM, as if the signal had ended us: the Job retries
-        return 143, f"trainer: stopped: {error}; run again with the same output.dir to resume"
-    distribute = sys.modules.get("trainer.distribute")  # not loaded: no cluster was joined
-    lost = error if isinstance(error, LostPeer) else distribute and distribute.lost_peer(error)
-    if lost:
-        return 4, f"trainer: lost a peer worker: {lost}; the Job's retry restarts every worker"
-    return None, ""
+# The last line a single run prints on stderr for each error with an exit code of its own.
+_LINES = {
+    TrainerError: "trainer: error: {}",
+    BelowMinAccuracy: "trainer: {}",
+    TimeLimitReached: "trainer: {}",
+    Diverged: "trainer: diverged: {}",
+    Preempted: "trainer: stopped: {}; run again with the same output.dir to resume",
+    LostPeer: "trainer: lost a peer worker: {}; the Job's retry restarts every worker",
+}
+
+
+def _known(error: Exception) -> tuple[Exception | None, str]:
+    """`error` as one of _LINES' errors (TensorFlow's report of a lost peer as LostPeer), with
+    its line; None for a crash. trainer.distribute is looked up, not imported: it loads
+    TensorFlow, and unloaded means no cluster was joined."""
+    distribute = sys.modules.get("trainer.distribute")
+    lost = distribute.lost_peer(error) if distribute else None
+    error = lost or error
+    line = next((line for kind, line in _LINES.items() if isinstance(error, kind)), None)
+    return (error, line) if line else (None, "")
 
 
 def _fail(code: int, line: str, error: BaseException) -> None:
@@ -112,7 +123,7 @@ def main() -> None:
     except SystemExit as stop:  # a one-line error (_exit), Hydra's --help
         if not isinstance(stop.code, (int, type(None))):
             raise
-        _leave(stop.code or 0)
+        _leave(stop.code or ExitCode.OK)
 
 
 def _main() -> None:
@@ -122,7 +133,7 @@ def _main() -> None:
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
-        _exit(2, f"trainer: config error: {config_error_line(error)}")
+        _exit(ExitCode.USER_ERROR, f"trainer: config error: {config_error_line(error)}")
     except (Exception, sweep.SweepStopped):  # the sweeper re-raised a point's error
         if not sweep.started():
             raise
@@ -132,10 +143,11 @@ def _main() -> None:
 
 def _leave(code: int) -> None:
     """Exit as soon as the job is done or has failed: the interpreter's teardown of
-    TensorFlow's objects took ~1 s after the last line, and it would wait for work still
-    running on other threads (the bad-image scan, when building the model failed); neither
-    does anything a user needs (outputs are published, their writers closed). Log handlers
-    (train.log) and both streams are flushed first."""
+    TensorFlow's objects takes about a second after the last line (docs/performance.md, "Exit
+    at once"), and it would wait for work still running on other threads (the bad-image scan,
+    when building the model failed); neither does anything a user needs (outputs are
+    published, their writers closed). Log handlers (train.log) and both streams are flushed
+    first."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trainer import TrainerError
+from trainer.files import file_identity
 from trainer.images import IMAGE_EXTENSIONS, decode_image, is_image
 
 log = logging.getLogger(__name__)
@@ -183,29 +184,22 @@ def load_splits(
     return classes, _to_split(kept, classes), _to_split(held, classes)
 
 
-# What the probe found, by (path, size, modification time): None for a good file, else why it
-# is bad. A local sweep's points run in one process, and those after the first probe nothing.
-_PROBED: dict[tuple[str, int, int], str | None] = {}
+# What the probe found, by file_identity (path, size, modification time): None for a good file,
+# else why it is bad. A local sweep's points run in one process, and those after the first
+# probe nothing.
+_PROBED: dict[tuple, str | None] = {}
 
 
 def find_bad_images(files: list[str]) -> list[tuple[str, str]]:
     """(path, reason) for each file that `decode_image` (the decoder training and serving use)
     cannot read and decode, checked in parallel; files this process probed before, unchanged
     since, are not decoded again."""
-    keys = [_file_key(path) for path in files]
+    keys = [file_identity(path) for path in files]
     new = [i for i, key in enumerate(keys) if key not in _PROBED]
     if new:
         reasons = _probe([files[i] for i in new])
         _PROBED.update({keys[i]: reasons.get(files[i]) for i in new})
     return [(path, _PROBED[key]) for path, key in zip(files, keys, strict=True) if _PROBED[key]]
-
-
-def _file_key(path: str) -> tuple[str, int, int]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return (path, -1, -1)
-    return (path, stat.st_size, stat.st_mtime_ns)
 
 
 def _probe(files: list[str]) -> dict[str, str]:
@@ -323,7 +317,7 @@ def decode_files(
 ) -> np.ndarray:
     """A few images (TensorBoard's samples, misclassified test images) decoded and resized as
     `image_dataset` does, then augmented if `augment`: float32 [n, S, S, 3]. Eagerly: a tf.data
-    pipeline took longer to build (0.09 s) than 16 images take to decode this way (0.03 s)."""
+    pipeline takes longer to build than 16 images take to decode this way (docs/performance.md)."""
     import tensorflow as tf
 
     pixels = tf.stack([decode_image(tf.io.read_file(path), image_size) for path in files])

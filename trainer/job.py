@@ -31,13 +31,14 @@ from trainer.inputs import (
 )
 from trainer.output import Output
 from trainer.phases import RunContext, Schedule, train_phases
+from trainer.timings import Stopwatch, for_metrics
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
     """Train and export as `cfg` says; return the metrics written to metrics.json."""
-    started = time.perf_counter()
+    clock = Stopwatch(startup_s=startup_s)  # each step's seconds, for metrics.json's timings
     validate(cfg)
     d, m, t, s, dist = cfg.data, cfg.model, cfg.train, cfg.storage, cfg.distribute
     output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
@@ -53,6 +54,7 @@ def run(cfg: DictConfig) -> dict:
     classes, train, test = split_data(
         train_dir=train_dir, test_dir=test_dir, validation_split=d.validation_split, seed=cfg.seed
     )
+    clock.lap("inputs_s")
     # TensorFlow is imported only now: config and folder errors above answer in a second.
     strategy = start_runtime(
         strategy=dist.strategy.value,
@@ -72,8 +74,10 @@ def run(cfg: DictConfig) -> dict:
     try:
         # The scan decodes in tf.data's threads while this thread builds the model.
         digests = listing_digests(train_dir, test_dir)
+        clock.lap("runtime_s")
         scan = start_scan((train, test), share=share, cache_uri=s.feature_cache, digests=digests)
         model = build(strategy=strategy, cfg=cfg, classes=len(classes), weights=weights)
+        clock.lap("build_s")
         ctx = make_context(
             output=output,
             work_dir=scratch or output.local_dir,
@@ -90,18 +94,22 @@ def run(cfg: DictConfig) -> dict:
             digests=digests,
             serving_dtype=cfg.output.serving_dtype.value,
         )
-        return train_and_export(ctx, model=model, cfg=cfg, weights=weights, started=started)
+        clock.lap("bad_images_s")
+        return train_and_export(ctx, model=model, cfg=cfg, weights=weights, clock=clock)
     finally:
         output.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, started: float) -> dict:
+def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, clock: Stopwatch) -> dict:
     """Train the model's phases, evaluate, report, export, publish; the metrics."""
-    t = cfg.train
+    t, started = cfg.train, clock.started
+    ctx.timings = clock.timings  # the phases add theirs
     write_sample_batch(ctx, augment=cfg.data.augment)
+    clock.lap("sample_batch_s")
     schedule = schedule_of(cfg, weights=weights)
+    from trainer import tensorboard
     from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
 
     SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
@@ -109,18 +117,21 @@ def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, starte
     trained = train_phases(
         ctx, model=model, augment=cfg.data.augment, schedule=schedule, time_limit=time_limit
     )
+    clock.restart()  # the phases timed themselves
     serving = build_serving(ctx, model=model)
     result = evaluate_model(ctx, model=serving, test_features=trained.test_features)
+    clock.lap("evaluate_s")
     metrics = report(
         ctx,
         result=result,
         epochs=schedule.total_epochs,
         fast_path=trained.fast_path,
-        hparams=hparams_of(cfg),
+        hparams=tensorboard.hparams_of(cfg),
     )
     metrics["stopped_at_time_limit"] = time_limit.reached
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     write_metrics(ctx, metrics=metrics, config_yaml=config_yaml, started=started)
+    clock.lap("report_s")  # in metrics.json from the export's rewrite on
     time_limit.check(f"{ctx.output.uri}/{rundir.METRICS}")
     SIGTERM.check()  # before the export: the backup stays, and the retry exports
     check_min_accuracy(ctx, metrics=metrics, min_accuracy=t.min_accuracy)
@@ -327,16 +338,11 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
         "jit_compile": ctx.jit_compile,
         "serving_dtype": ctx.serving_dtype,
         "fast_path": fast_path,
-        "timings": _timings(ctx),
+        "timings": for_metrics(ctx.timings, feature_cache=ctx.feature_cache),
     }
     scores = {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]}
     tensorboard.write_hparams(log_dir, hparams, scores)
     return metrics
-
-
-def _timings(ctx: RunContext) -> dict:
-    """Seconds per phase, and whether the backbone pass came from the feature cache."""
-    return {**{k: round(v, 3) for k, v in ctx.timings.items()}, "feature_cache": ctx.feature_cache}
 
 
 def _pixels(split: Split, image_size: int):
@@ -344,21 +350,6 @@ def _pixels(split: Split, image_size: int):
     from trainer.data import decode_files
 
     return decode_files(split.files, image_size) if len(split) else []
-
-
-def hparams_of(cfg: DictConfig) -> dict:
-    """The settings TensorBoard's HParams dashboard compares runs by."""
-    d, m, t = cfg.data, cfg.model, cfg.train
-    return {
-        "learning_rate": t.learning_rate,
-        "batch_size": d.batch_size,
-        "epochs": t.epochs,
-        "dropout": m.dropout,
-        "image_size": d.image_size,
-        "augment": d.augment,
-        "finetune_epochs": t.finetune_epochs,
-        "weights": str(m.weights),
-    }
 
 
 def write_metrics(ctx: RunContext, *, metrics: dict, config_yaml: str, started: float) -> None:
@@ -391,7 +382,7 @@ def export(ctx: RunContext, *, model, metrics: dict, config_yaml: str, started: 
     export_started = time.perf_counter()
     export_saved_model(model, ctx.classes, ctx.image_size, ctx.run_dir.saved_model)
     ctx.timings["export_s"] = time.perf_counter() - export_started
-    metrics["timings"] = _timings(ctx)
+    metrics["timings"] = for_metrics(ctx.timings, feature_cache=ctx.feature_cache)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
 

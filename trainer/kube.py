@@ -36,19 +36,27 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from trainer import TrainerError
+from trainer import ExitCode, TrainerError
+from trainer.cluster import DEFAULT_PORT as PORT
+from trainer.cluster import ENV_INDEX, ENV_JOB_NAME, ENV_PORT, ENV_SERVICE, ENV_WORKERS
 
 CONTAINER = "trainer"  # the container name podFailurePolicy's exit-code rules refer to
-PORT = 2222  # the TF_CONFIG port of a multi-worker run
 SWEEP_ENV = "TRAINER_SWEEP"  # JSON list of every point's overrides
-INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in an Indexed Job's pods
 PLACEHOLDER_IMAGE = "ghcr.io/example/trainer:0.1.0"
 PLACEHOLDER_GSA = "trainer@PROJECT.iam.gserviceaccount.com"
 SERVICE_ACCOUNT = "trainer"
 
-# bad config/data, below min_accuracy, max_hours reached, diverged (NaN or inf)
-EXIT_PERMANENT = [2, 3, 5, 6]
-EXIT_PEER_LOST = 4
+# What a retry cannot change: bad config/data, below min_accuracy, max_hours reached, diverged.
+EXIT_PERMANENT = [
+    int(code)  # YAML's safe dumper writes plain ints only
+    for code in (
+        ExitCode.USER_ERROR,
+        ExitCode.BELOW_MIN_ACCURACY,
+        ExitCode.TIME_LIMIT,
+        ExitCode.DIVERGED,
+    )
+]
+EXIT_PEER_LOST = int(ExitCode.LOST_PEER)
 DEFAULT_DEADLINE_S = 86400
 POINT_MARGIN_S = 600
 JOB_MARGIN_S = 1800
@@ -83,9 +91,9 @@ CONTAINER_SECURITY = {
 
 def sweep_point_overrides(environ: Mapping[str, str] = os.environ) -> list[str]:
     """In a sweep's Indexed Job, this pod's overrides (empty elsewhere)."""
-    if SWEEP_ENV not in environ or INDEX_ENV not in environ:
+    if SWEEP_ENV not in environ or ENV_INDEX not in environ:
         return []
-    return json.loads(environ[SWEEP_ENV])[int(environ[INDEX_ENV])]
+    return json.loads(environ[SWEEP_ENV])[int(environ[ENV_INDEX])]
 
 
 def shared_feature_cache(point: list[str], *, sweep_root: str) -> list[str]:
@@ -307,10 +315,10 @@ def _job_env(name: str, points: list[list[str]], sweep: bool, workers: int) -> l
     if workers == 1:
         return []
     return [
-        {"name": "TRAINER_WORKERS", "value": str(workers)},
-        {"name": "TRAINER_SERVICE", "value": name},
-        {"name": "TRAINER_PORT", "value": str(PORT)},
-        {"name": "TRAINER_JOB_NAME", "value": name},
+        {"name": ENV_WORKERS, "value": str(workers)},
+        {"name": ENV_SERVICE, "value": name},
+        {"name": ENV_PORT, "value": str(PORT)},
+        {"name": ENV_JOB_NAME, "value": name},
     ]
 
 

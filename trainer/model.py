@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from trainer import TrainerError
+from trainer.files import file_identity
 
 FEATURES = 2048  # ResNet50's pooled feature width
 NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -172,20 +173,11 @@ def folded_backbone(image_size: int, weights: str | None, seed: int):
     keras.utils.set_random_seed(`seed`)), from the process' last fold when it is the same."""
     from trainer.fold import fold, folded_layer
 
-    key = (image_size, weights, seed if weights is None else _file_identity(weights))
+    key = (image_size, weights, seed if weights is None else file_identity(weights))
     if key not in _FOLDED:
         _FOLDED.clear()  # one entry: a sweep over sizes or weights keeps memory bounded
         _FOLDED[key] = fold(build_backbone(image_size, weights))
     return folded_layer(_FOLDED[key], (None, image_size, image_size, 3))
-
-
-def _file_identity(path: str) -> tuple:
-    """A weights file as it is now (a file rewritten in place is another one); imagenet is
-    Keras' fixed file."""
-    if not os.path.isfile(path):
-        return (path,)
-    stat = os.stat(path)
-    return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _features(backbone: keras.Model, pixels):

@@ -14,7 +14,7 @@ from trainer.quiet import quiet_tensorflow_startup
 
 quiet_tensorflow_startup()  # TensorFlow's C++ start-up lines would bury the results
 
-from trainer import TrainerError  # noqa: E402
+from trainer import ExitCode, TrainerError  # noqa: E402
 from trainer.gcs import cache_path, default_cache_dir, is_gcs, list_objects, stage_prefix  # noqa: E402
 from trainer.images import is_image  # noqa: E402
 from trainer.rundir import SAVED_MODEL, SUCCESS  # noqa: E402
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{path}\t{name}\t{prob:.4f}", flush=True)
     except TrainerError as error:
         print(f"trainer.predict: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_code)
     if failed:
-        sys.exit(2)
+        sys.exit(ExitCode.USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import TrainerError
+from trainer import ExitCode, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ COLUMNS = [
     "output_dir",
 ]
 _DEFAULT_OUTPUT = "${hydra:runtime.output_dir}"
-PREEMPTED = 143
 
 # The sweep's own process: where records are and what `finish` returned (set per multirun).
 _sweep: dict = {}
@@ -55,7 +54,8 @@ _point: dict = {}
 
 
 class PointFailed(Exception):
-    """A sweep point ended with `code` (2, 3, 143, ...); `line` is what a single run prints."""
+    """A sweep point ended with `code` (an ExitCode, or a pod's from the Kubernetes launcher);
+    `line` is what a single run prints."""
 
     def __init__(self, code: int, line: str):
         super().__init__(line)
@@ -131,7 +131,7 @@ class SweepSummary(Callback):
             "point": num,
             "overrides": " ".join(_swept(job_return.overrides)),
             "status": "ok",
-            "exit_code": 0,
+            "exit_code": ExitCode.OK,
             "test_accuracy": None,
             "test_loss": None,
             "wall_seconds": round(
@@ -151,14 +151,19 @@ class SweepSummary(Callback):
         except Exception as error:  # a crash: the point's log gets the traceback
             log.error("sweep point %d crashed", num, exc_info=error)
             first = (str(error).strip().splitlines() or [""])[0]
-            record.update(status="crashed", exit_code=1)
-            _report(num, record["overrides"], 1, f"trainer: crash: {type(error).__name__}: {first}")
+            record.update(status="crashed", exit_code=ExitCode.CRASH)
+            _report(
+                num,
+                record["overrides"],
+                ExitCode.CRASH,
+                f"trainer: crash: {type(error).__name__}: {first}",
+            )
         _point.clear()
         points = os.path.join(str(config.hydra.sweep.dir), POINTS)
         os.makedirs(points, exist_ok=True)
         with open(os.path.join(points, f"{num}.json"), "w", encoding="utf-8") as f:
             json.dump(record, f)
-        if record["exit_code"] == PREEMPTED:
+        if record["exit_code"] == ExitCode.PREEMPTED:
             raise SweepStopped(f"SIGTERM during sweep point {num}: no further point starts")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -187,7 +192,7 @@ def finish() -> int:
     directory and output.dir's root, the table on stdout, best first. Returns the process's
     exit code: the first failing point's, 0 if every point succeeded, 0 outside a multirun."""
     if not _sweep:
-        return 0
+        return ExitCode.OK
     if _sweep["done"]:
         return _sweep["code"]
     records = _load_records(_sweep["dir"])
@@ -203,8 +208,8 @@ def finish() -> int:
         except TrainerError as error:  # no credentials, no access: the local copy still stands
             print(f"sweep: summary not written to {root}: {error}", file=sys.stderr, flush=True)
     print(format_table(records), flush=True)
-    failed = [r for r in records if r["exit_code"]]
-    code = failed[0]["exit_code"] if failed else 0
+    failed = [r for r in records if r["exit_code"] != ExitCode.OK]
+    code = failed[0]["exit_code"] if failed else ExitCode.OK
     print(
         f"sweep: {len(records) - len(failed)} of {len(records)} points succeeded; "
         f"summary in {_sweep['dir']}/{SUMMARY}",
@@ -233,7 +238,12 @@ def _best_first(records: list[dict]) -> list[dict]:
     def key(r):
         accuracy = r["test_accuracy"]
         loss = r["test_loss"] if r["test_loss"] is not None else float("inf")
-        return (r["exit_code"] != 0, -(accuracy if accuracy is not None else -1), loss, r["point"])
+        return (
+            r["exit_code"] != ExitCode.OK,
+            -(accuracy if accuracy is not None else -1),
+            loss,
+            r["point"],
+        )
 
     return sorted(records, key=key)
 

@@ -121,6 +121,22 @@ def write_test_report(
             )
 
 
+def hparams_of(cfg) -> dict:
+    """The settings of the run's config `cfg` that TensorBoard's HParams dashboard compares
+    runs by."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    return {
+        "learning_rate": t.learning_rate,
+        "batch_size": d.batch_size,
+        "epochs": t.epochs,
+        "dropout": m.dropout,
+        "image_size": d.image_size,
+        "augment": d.augment,
+        "finetune_epochs": t.finetune_epochs,
+        "weights": str(m.weights),
+    }
+
+
 def write_hparams(log_dir: str, hparams: dict, metrics: dict) -> None:
     """HParams for this run plus its final metrics, so TensorBoard compares the runs of a sweep."""
     with tf.summary.create_file_writer(log_dir).as_default():

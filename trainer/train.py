@@ -12,7 +12,7 @@ import time
 import keras
 import numpy as np
 
-from trainer import Diverged, TimeLimitReached
+from trainer import Diverged, Preempted, TimeLimitReached
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ class EpochLog(keras.callbacks.Callback):
             float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             time.perf_counter() - self.started,
         )
-
-
-class Preempted(Exception):
-    """SIGTERM (node preemption, eviction, `kubectl delete`): stopped after flushing a backup.
-    The process exits 143 and the Job's retry resumes from the backup."""
 
 
 class _Sigterm:

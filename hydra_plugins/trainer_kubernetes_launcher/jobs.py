@@ -11,6 +11,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from trainer import ExitCode
+
 log = logging.getLogger(__name__)
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"  # a pod's index (label and annotation)
@@ -20,7 +22,9 @@ CONNECT_TIMEOUT_S = 15
 
 
 class LauncherError(Exception):
-    """A problem the user can fix before or while launching; one line, exit code 2."""
+    """A problem the user can fix before or while launching; one line."""
+
+    exit_code = ExitCode.USER_ERROR
 
 
 @dataclass

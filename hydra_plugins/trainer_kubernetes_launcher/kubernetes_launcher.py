@@ -28,19 +28,10 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict, read_write
 
-from trainer import TrainerError, kube
+from trainer import ExitCode, TrainerError, kube
+from trainer.sweep import PointFailed
 
 from .jobs import Cluster, IndexOutcome, LauncherError
-
-try:  # issue 10's sweep summary records a PointFailed's exit code
-    from trainer.sweep import PointFailed
-except ImportError:  # HOOK (issue 10): without trainer/sweep.py, a failed point is this
-
-    class PointFailed(Exception):
-        def __init__(self, code: int, line: str):
-            super().__init__(line)
-            self.code = code
-
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +80,7 @@ class Result:
     """A finished point: its metrics, or why it failed."""
 
     metrics: dict | None = None
-    exit_code: int = 0
+    exit_code: int = ExitCode.OK  # the pod's: any int, not only the trainer's own codes
     line: str = ""  # the trainer's one-line error, or what happened to the pod
     log_tail: str = ""
     seconds: float | None = None
@@ -124,11 +115,14 @@ class KubernetesLauncher(Launcher):
             results = self._run(points, started=started)
         except (LauncherError, TrainerError) as error:
             self._delete_created()
-            _exit(2, f"trainer: error: {error}")
+            _exit(error.exit_code, f"trainer: error: {error}")
         except KeyboardInterrupt:
             print("trainer: interrupted: deleting the sweep's Jobs", file=sys.stderr, flush=True)
             self._delete_created()
-            _exit(130, "trainer: stopped; run the same command again to finish the sweep")
+            _exit(
+                ExitCode.INTERRUPTED,
+                "trainer: stopped; run the same command again to finish the sweep",
+            )
         finally:
             signal.signal(signal.SIGTERM, previous)
         return [self._job_return(point, results[point.num]) for point in points]
@@ -224,10 +218,14 @@ class KubernetesLauncher(Launcher):
             if result is not None:
                 result.seconds = outcome.seconds
                 return result
-            return Result(exit_code=1, line=f"exit 0 but no _SUCCESS in {point.output_dir}")
+            return Result(
+                exit_code=ExitCode.CRASH, line=f"exit 0 but no _SUCCESS in {point.output_dir}"
+            )
         if outcome.exit_code is None:
             # e.g. the Job's deadline passed before the point's pod ran: a failure like a crash
-            return Result(exit_code=1, line=f"no pod finished: {outcome.reason or 'unknown'}")
+            return Result(
+                exit_code=ExitCode.CRASH, line=f"no pod finished: {outcome.reason or 'unknown'}"
+            )
         tail = self.cluster.log_tail(outcome.pod, kube.CONTAINER)
         lines = [line for line in tail.splitlines() if line.strip()]
         log.warning(

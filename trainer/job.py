@@ -40,20 +40,11 @@ def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
     """Train and export as `cfg` says; return the metrics written to metrics.json."""
     clock = Stopwatch(startup_s=startup_s)  # each step's seconds, for metrics.json's timings
     validate(cfg)
-    d, m, t, s, dist = cfg.data, cfg.model, cfg.train, cfg.storage, cfg.distribute
+    d, t, s, dist = cfg.data, cfg.train, cfg.storage, cfg.distribute
     output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
     output.check()  # read-only here: only the chief may clear anything, and it is not known yet
     share = staging_share(augment=d.augment, finetune_epochs=t.finetune_epochs)
-    train_dir, test_dir, weights = stage_inputs(
-        train_dir=d.train_dir,
-        test_dir=d.test_dir,
-        weights=m.weights,
-        cache_dir=s.cache_dir,
-        share=share,
-    )
-    classes, train, test = split_data(
-        train_dir=train_dir, test_dir=test_dir, validation_split=d.validation_split, seed=cfg.seed
-    )
+    (train_dir, test_dir, weights), (classes, train, test) = inputs(cfg, share=share)
     clock.lap("inputs_s")
     # TensorFlow is imported only now: config and folder errors above answer in a second.
     strategy = start_runtime(
@@ -100,6 +91,26 @@ def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
         output.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def inputs(cfg: DictConfig, *, share: tuple[int, int]) -> tuple[tuple, tuple]:
+    """((train dir, test dir, weights) as staged locally, (classes, train, test) file lists):
+    the data and model.weights keys of `cfg`, this worker's `share` of gs:// images staged."""
+    d = cfg.data
+    staged = stage_inputs(
+        train_dir=d.train_dir,
+        test_dir=d.test_dir,
+        weights=cfg.model.weights,
+        cache_dir=cfg.storage.cache_dir,
+        share=share,
+    )
+    split = split_data(
+        train_dir=staged[0],
+        test_dir=staged[1],
+        validation_split=d.validation_split,
+        seed=cfg.seed,
+    )
+    return staged, split
 
 
 def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, clock: Stopwatch) -> dict:

@@ -282,7 +282,9 @@ def trained_run(tmp_path_factory) -> Run:
         f"data.test_dir={test_dir}",
         f"output.dir={out}",
         "train.epochs=8",
-        *SMALL,
+        "data.batch_size=16",
+        "model.weights=null",
+        "data.image_size=48",  # at 32 px a random float32 backbone separates the test set to 0.94
         cwd=root,
     )
     assert result.returncode == 0, result.stderr[-3000:]

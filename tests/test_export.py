@@ -49,7 +49,7 @@ def test_output_dir_has_the_documented_layout(trained_run):
     ]:
         assert key in metrics
     config = OmegaConf.load(trained_run.out / "config.yaml")
-    assert config.data.image_size == 32 and config.output.dir == str(trained_run.out)
+    assert config.data.image_size == 48 and config.output.dir == str(trained_run.out)
 
 
 def test_serving_default_classifies_jpeg_bytes(trained_run, signatures):

@@ -73,7 +73,7 @@ def test_hparams_with_final_metrics_for_the_hparams_tab(trained_run):
                 session = plugin_data_pb2.HParamsPluginData.FromString(blob).session_start_info
     assert session is not None
     assert session.hparams["learning_rate"].number_value == 1e-3
-    assert session.hparams["image_size"].number_value == 32
+    assert session.hparams["image_size"].number_value == 48
     root = tags_by_run(trained_run.out / "tensorboard")["."]
     assert {"test_accuracy", "test_loss"} <= root
 

@@ -82,7 +82,7 @@ def test_exported_model_reproduces_the_metrics_from_cached_features(trained_run,
     """metrics.json was computed by the head on cached features; the exported full model
     must give the same loss and accuracy from the pixels: the fast path is exact."""
     files, labels = _test_images(trained_run)
-    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 32) for f in files])
+    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 48) for f in files])
     probabilities = signatures["serving_pixels"](pixels=pixels)["probabilities"].numpy()
 
     loss = -np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)))

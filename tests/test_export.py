@@ -130,7 +130,7 @@ def test_metrics_are_plain_json_and_agree_with_the_exported_model(trained_run, s
 
 def test_serving_pixels_gives_class_id_and_name_of_the_highest_probability(trained_run, signatures):
     files, _ = _test_images(trained_run)
-    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 32) for f in files])
+    pixels = tf.stack([decode_image(tf.io.read_file(str(f)), 48) for f in files])
     out = signatures["serving_pixels"](pixels=pixels)
     probabilities = out["probabilities"].numpy()
 

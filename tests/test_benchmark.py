@@ -15,6 +15,7 @@ import sys
 
 from scripts.bench import CONTEXT_KEYS, FIGURE_KEYS
 from scripts.bench.harness import PHASES, REST, trainer_result
+from trainer.timings import STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,6 +70,7 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     # Every step the run took (no fine-tuning), from metrics.json's timings, and the rest of the
     # trainer's process time: together, all of it.
     phases = figures["trainer_phases_s"]
+    assert [key for key, _ in PHASES] == list(STEPS)  # no step of the trainer's left out
     assert list(phases) == [label for key, label in PHASES if key != "finetune_s"] + [REST]
     assert all(seconds >= 0 for seconds in phases.values())
     assert abs(sum(phases.values()) - figures["trainer_s"]) < 0.1

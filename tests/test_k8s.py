@@ -172,13 +172,13 @@ def first_action(policy: dict, *, exit_code: int | None = None, condition: str |
     return None
 
 
-def test_one_run_job_fails_fast_on_exit_2_3_5_and_ignores_preemption():
+def test_one_run_job_fails_fast_on_exit_2_3_5_6_and_ignores_preemption():
     docs = by_kind(render("four_gpus"))
     job = docs["Job"]["spec"]
     pod = job["template"]["spec"]
     container = pod["containers"][0]
     policy = job["podFailurePolicy"]
-    for code in (2, 3, 5):
+    for code in (2, 3, 5, 6):
         assert first_action(policy, exit_code=code) == "FailJob", code
     for code in (1, 4, 137):  # a crash, an OOM kill; no peers to lose in one pod
         assert first_action(policy, exit_code=code) is None, code
@@ -248,7 +248,7 @@ def test_a_lost_peer_costs_no_retry_but_a_crash_and_permanent_errors_still_count
     policy = job["podFailurePolicy"]
     assert first_action(policy, exit_code=4) == "Ignore"  # survivors of a preempted worker
     assert first_action(policy, condition="DisruptionTarget") == "Ignore"
-    for code in (2, 3, 5):
+    for code in (2, 3, 5, 6):
         assert first_action(policy, exit_code=code) == "FailJob", code
     assert first_action(policy, exit_code=1) is None and job["backoffLimit"] >= 1
     assert job["activeDeadlineSeconds"] > 0  # what still bounds endless lost peers
@@ -353,7 +353,7 @@ def test_sweep_points_get_the_time_limit_and_the_deadline_covers_every_wave():
     assert job["parallelism"] == 4
     assert 2 * 2 * 3600 < job["activeDeadlineSeconds"] <= 2 * 2 * 3600 + 3600
     policy = job["podFailurePolicy"]
-    for code in (2, 3, 5):  # one bad or slow point fails alone
+    for code in (2, 3, 5, 6):  # one bad or slow point fails alone
         assert first_action(policy, exit_code=code) == "FailIndex", code
     assert first_action(policy, condition="DisruptionTarget") == "Ignore"
 

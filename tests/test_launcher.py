@@ -492,7 +492,7 @@ def test_the_rendered_job_is_accepted_with_strict_field_validation(api, namespac
     assert accepted["spec"]["completions"] == 2
     rules = accepted["spec"]["podFailurePolicy"]["rules"]
     assert [r["action"] for r in rules] == ["FailIndex", "Ignore"]
-    assert rules[0]["onExitCodes"]["values"] == [2, 3, 5]
+    assert rules[0]["onExitCodes"]["values"] == [2, 3, 5, 6]
     manifest["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # a typo
     with pytest.raises(ApiException) as refused:
         dry_run(manifest)

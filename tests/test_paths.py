@@ -274,10 +274,13 @@ def test_weights_that_give_non_finite_features_exit_6_before_training(data, tmp_
     from trainer.model import build_backbone
 
     backbone = build_backbone(32, None)
-    # the last conv: a NaN there reaches the pooled features (max pooling, earlier, drops NaN)
+    # The last conv's first filter at 3e38 (float32's and bfloat16's largest is 3.4e38): its sum
+    # over the block's activations overflows to inf, which the ReLU and the pooling keep. A NaN
+    # or inf weight would not do: in graph mode TensorFlow's fused conv + bias + ReLU turns the
+    # NaN it makes (inf x 0) into 0, and the features come out finite.
     conv = backbone.get_layer("conv5_block3_3_conv")
     kernel = conv.kernel.numpy()
-    kernel[0, 0, 0, 0] = np.nan
+    kernel[..., 0] = 3e38
     conv.kernel.assign(kernel)
     weights = tmp_path / "broken.weights.h5"
     backbone.save_weights(weights)

@@ -39,6 +39,37 @@ def _experiment(root: Path):
     return metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
 
 
+def _record(point, accuracy, loss, code=0) -> dict:
+    """A sweep point as sweep.csv records it."""
+    return {
+        "point": point,
+        "overrides": f"model.dropout=0.{point}",
+        "status": "ok" if code == 0 else "failed",
+        "exit_code": code,
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "wall_seconds": 1.0,
+        "output_dir": f"out/{point}",
+    }
+
+
+def test_sweep_csv_and_its_table_list_the_best_point_first():
+    """README: best first (highest test accuracy, then lowest loss), failed points last."""
+    from trainer.sweep import format_table, summary_csv
+
+    records = [
+        _record(0, 0.5, 0.9),
+        _record(1, None, None, code=2),
+        _record(2, 0.9, 0.4),
+        _record(3, 0.9, 0.3),
+        _record(4, 0.7, 0.6),
+    ]
+    rows = list(csv.DictReader(summary_csv(records).splitlines()))
+    assert [r["point"] for r in rows] == ["3", "2", "4", "0", "1"]
+    table = format_table(records).splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["3", "2", "4", "0", "1"]
+
+
 def test_a_failing_point_is_reported_and_the_sweep_goes_on_then_exits_with_its_code(
     folders, tmp_path
 ):

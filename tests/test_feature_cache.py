@@ -91,9 +91,16 @@ def test_renamed_files_with_the_same_contents_share_features(images, weights, tm
     assert _key(moved, weights) == key
 
 
-def test_random_weights_are_keyed_by_their_seed():
+def test_random_weights_are_keyed_by_their_seed_alike_in_every_process():
+    """The points of a sweep, a retried pod, the next run: each is another process, and each
+    must find the entry its seed's random backbone stored."""
+    code = "from trainer import feature_cache as fc; print(fc.weights_digest(None, seed=1))"
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=trainer_env(), capture_output=True, text=True
+    )
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert other.stdout.strip() == fc.weights_digest(None, seed=1)
     assert fc.weights_digest(None, seed=1) != fc.weights_digest(None, seed=2)
-    assert fc.weights_digest(None, seed=1) == fc.weights_digest(None, seed=1)
 
 
 def test_imagenet_is_keyed_by_the_hash_keras_checks_its_notop_file_against():

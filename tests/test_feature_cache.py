@@ -91,6 +91,60 @@ def test_renamed_files_with_the_same_contents_share_features(images, weights, tm
     assert _key(moved, weights) == key
 
 
+def _run_key(data: Path) -> str:
+    """The feature cache key a run gives the training split of data/train (trainer/phases.py),
+    the split as trainer.data lists it."""
+    from trainer.data import load_splits
+    from trainer.phases import RunContext, Schedule, _key_of
+
+    classes, train, test = load_splits(str(data / "train"), str(data / "test"), 0.2, seed=42)
+    ctx = RunContext(
+        output=None,
+        run_dir=None,
+        chief=True,
+        strategy=None,
+        classes=classes,
+        train=train,
+        test=test,
+        image_size=32,
+        batch=16,
+        workers=(1, 0),
+        jit_compile=False,
+        seed=42,
+    )
+    schedule = Schedule(
+        epochs=1,
+        learning_rate=1e-3,
+        finetune_epochs=0,
+        finetune_from="conv5_block1_1_conv",
+        finetune_learning_rate=1e-5,
+        backup_every_steps=0,
+        feature_cache_max_mb=1024,
+        cache_features=True,
+        feature_cache=str(data / "features"),
+        weights=None,
+    )
+    return _key_of(ctx, schedule=schedule)(train, None)
+
+
+def test_a_class_rename_that_reorders_the_split_is_another_key(tmp_path):
+    """Rows follow the split's files: renaming cat/ to zebra/ puts its images after dog's, so
+    the cached rows of the old order would pair cat features with dog labels. A rename that
+    keeps the order (cat/ to ant/) still hits."""
+    for split in ("train", "test"):
+        make_dataset(str(tmp_path / split), ["cat", "dog"], 4, min_size=40, max_size=56, seed=1)
+    key = _run_key(tmp_path)
+
+    def rename(old: str, new: str) -> None:
+        for split in ("train", "test"):
+            (tmp_path / split / old).rename(tmp_path / split / new)
+
+    rename("cat", "ant")
+    assert _run_key(tmp_path) == key
+    rename("ant", "zebra")
+    assert _run_key(tmp_path) != key
+
+
 def test_random_weights_are_keyed_by_their_seed_alike_in_every_process():
     """The points of a sweep, a retried pod, the next run: each is another process, and each
     must find the entry its seed's random backbone stored."""

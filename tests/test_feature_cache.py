@@ -218,6 +218,28 @@ def test_a_miss_computes_and_stores_and_the_next_run_hits(cache_uri, images, wei
     assert (hit, len(calls)) == (False, 2)
 
 
+def test_a_local_entry_appears_under_its_name_only_once_complete(tmp_path, monkeypatch):
+    """Another run may look the key up at any moment: while the entry's bytes are being
+    written, its name must not exist yet (a reader would find half an entry, take it for a
+    corrupt one and remove it)."""
+    cache = tmp_path / "features"
+    features = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+    seen = []
+    save = np.save
+
+    def save_then_look(file, array, **kwargs):  # the array is written, the footer is not yet
+        save(file, array, **kwargs)
+        file.flush()
+        seen.append(sorted(p.name for p in cache.iterdir()))
+
+    monkeypatch.setattr(np, "save", save_then_look)
+    assert fc.store(str(cache), "k", features) is True
+
+    (names,) = seen
+    assert "k.npy" not in names
+    np.testing.assert_array_equal(fc.lookup(str(cache), "k", rows=6), features)
+
+
 def test_text_entries_round_trip_and_the_first_writer_wins_on_gcs(cache_uri):
     """The bad-image scan's findings (trainer/inputs.py) are text entries beside the features."""
     assert fc.load_text(cache_uri, "scan-1-abc.json") is None

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import SMALL, make_folders, run_trainer, trainer_env
+from tests.conftest import (
+    SMALL,
+    Lines,
+    make_folders,
+    run_trainer,
+    start_trainer,
+    stopped_on_exit,
+    trainer_env,
+)
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
@@ -123,6 +132,40 @@ def test_failing_points_are_reported_the_sweep_goes_on_and_exits_with_the_first_
     assert dropout.differs
     assert {m.name.tag for m in experiment.metric_infos} == {"test_accuracy", "test_loss"}
     assert _experiment(out).hparam_infos == experiment.hparam_infos
+
+
+def test_sigterm_stops_a_local_sweep_with_143_and_no_further_point_starts(folders, tmp_path):
+    """The machine or pod is going away: the point being trained stops with its backup, the
+    sweep starts no other point, sums up what ran and exits 143."""
+    train_dir, test_dir = folders
+    out, sweep_dir = tmp_path / "out", tmp_path / "sweep"
+    epochs = 300  # the head's epochs take milliseconds: enough of them to be stopped mid-way
+    process = start_trainer(
+        "-m",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "model.dropout=0.1,0.2,0.3",
+        f"train.epochs={epochs}",
+        *SMALL,
+        f"output.dir={out}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    with stopped_on_exit(process):
+        lines = Lines(process)
+        lines.wait_for(f"epoch 2/{epochs}", timeout=300)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
+
+    assert process.returncode == 143, stderr[-3000:]
+    reported = [line for line in stderr.splitlines() if line.startswith("sweep point")]
+    assert [line.split(": ", 1)[0] for line in reported] == [
+        "sweep point 0 [model.dropout=0.1] exit 143"
+    ], stderr[-3000:]
+    assert (out / "0" / "backup").is_dir() and not (out / "1").exists()
+    rows = _rows(sweep_dir / "sweep.csv")
+    assert [(r["point"], r["status"], r["exit_code"]) for r in rows] == [("0", "failed", "143")]
 
 
 def test_a_sweep_into_gcs_writes_each_point_and_the_summary_under_output_dir(

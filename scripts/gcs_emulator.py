@@ -111,8 +111,9 @@ class Emulator:
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of the emulator that can answer with errors.
 
-    `fail(status, times, methods)` makes the next `times` requests with those methods (-1: all
-    of them) get `status` instead of reaching the emulator; `log` records (method, status) and
+    `fail(status, times, methods, downloads_only)` makes the next `times` requests with those
+    methods (-1: all of them; `downloads_only`: only object downloads, `alt=media`, not listings
+    or metadata) get `status` instead of reaching the emulator; `log` records (method, status) and
     `paths` (method, path); `corrupt_downloads()` flips a byte of every object download from then
     on; `delay` seconds are added to every request, like a round trip to a remote GCS."""
 
@@ -124,6 +125,7 @@ class FaultProxy:
         self.paths: list[tuple[str, str]] = []
         self.corrupt = False
         self._fail_status, self._fail_left, self._fail_methods = 0, 0, ()
+        self._fail_downloads_only = False
         self._lock = threading.Lock()
         proxy = self
 
@@ -137,7 +139,7 @@ class FaultProxy:
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 time.sleep(proxy.delay)
-                status = proxy._injected(self.command)
+                status = proxy._injected(self.command, self.path)
                 if status:
                     payload = b'{"error": {"code": %d, "message": "injected"}}' % status
                     headers = [("Content-Type", "application/json")]
@@ -177,9 +179,16 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def fail(self, status: int, times: int = -1, methods=("GET", "POST", "PUT", "DELETE")) -> None:
+    def fail(
+        self,
+        status: int,
+        times: int = -1,
+        methods=("GET", "POST", "PUT", "DELETE"),
+        downloads_only: bool = False,
+    ) -> None:
         with self._lock:
             self._fail_status, self._fail_left, self._fail_methods = status, times, methods
+            self._fail_downloads_only = downloads_only
 
     def corrupt_downloads(self) -> None:
         self.corrupt = True
@@ -187,9 +196,11 @@ class FaultProxy:
     def heal(self) -> None:
         self.fail(0, 0)
 
-    def _injected(self, method: str) -> int:
+    def _injected(self, method: str, path: str) -> int:
         with self._lock:
             if self._fail_left == 0 or method not in self._fail_methods:
+                return 0
+            if self._fail_downloads_only and "alt=media" not in path:
                 return 0
             if self._fail_left > 0:
                 self._fail_left -= 1

@@ -277,6 +277,7 @@ def trained_run(tmp_path_factory) -> Run:
     train_dir, test_dir = make_folders(root / "data", train=40, test=16)
     bad = corrupt_files(train_dir / "dog")
     out = root / "out"
+    out.mkdir()  # a folder made for the run beforehand: it must keep the run's train.log, .hydra/
     result = run_trainer(
         f"data.train_dir={train_dir}",
         f"data.test_dir={test_dir}",

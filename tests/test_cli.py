@@ -23,6 +23,8 @@ TF_NOISE = re.compile(r"^E\d{4} |Could not find cuda drivers|absl::InitializeLog
 
 
 def test_local_output_dir_holds_the_log_and_hydra_config_and_no_outputs_folder(trained_run):
+    """Also when output.dir existed before the run (the shared run makes it first): a
+    successful run keeps train.log and .hydra/ there, only a run that wrote nothing undoes them."""
     root = trained_run.out.parent  # the run's working directory
     log = (trained_run.out / "train.log").read_text()
     assert "found 2 classes" in log and f"exported to {trained_run.out}/saved_model" in log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,6 +90,45 @@ def test_exported_model_reproduces_the_metrics_from_cached_features(trained_run,
     accuracy = np.mean(probabilities.argmax(axis=1) == labels)
     assert accuracy == trained_run.metrics["test_accuracy"]
     assert loss == pytest.approx(trained_run.metrics["test_loss"], rel=1e-4, abs=1e-6)
+
+
+def _cached_features(trained_run, split: str) -> np.ndarray:
+    """The backbone's features of the run's `split` set, from the feature cache entry its log
+    names."""
+    from trainer import feature_cache
+
+    log = (trained_run.out / "train.log").read_text()
+    found = re.search(
+        rf"the {split} set's features stored as (\S+)\.npy"
+        rf"|features of the {split} set from the feature cache: .*?, (\S+)\.npy",
+        log,
+    )
+    assert found, f"no feature cache entry of the {split} set in the log"
+    uri, key = (found[1] or found[2]).rsplit("/", 1)
+    features = feature_cache.lookup(uri, key)
+    assert features is not None, f"{uri}/{key}.npy"
+    return features
+
+
+def test_the_exported_head_standardizes_with_the_training_sets_statistics(trained_run):
+    """The head's mean and variance, stored in the SavedModel, are the training set's: the test
+    set's would leak it into the model (and its accuracy)."""
+    train, test = _cached_features(trained_run, "train"), _cached_features(trained_run, "test")
+    metrics = trained_run.metrics
+    assert (len(train), len(test)) == (metrics["num_train"], metrics["num_test"])
+    loaded = tf.saved_model.load(str(trained_run.out / "saved_model"))
+    stored = {
+        v.name.split(":")[0].rsplit("/", 1)[-1]: v.numpy()
+        for v in loaded.variables
+        if v.shape == (train.shape[1],)
+    }
+    for name, statistic in (("mean", np.mean), ("variance", np.var)):
+        of_train = statistic(train.astype(np.float64), axis=0)
+        of_test = statistic(test.astype(np.float64), axis=0)
+        assert not np.allclose(of_train, of_test, rtol=1e-3)  # the sets tell them apart
+        if name == "variance":  # a feature constant over the set (a dead ReLU) is left unscaled
+            of_train[of_train < 1e-12] = 1.0
+        np.testing.assert_allclose(stored[name], of_train, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_replacing_a_directory_leaves_no_partial_state(tmp_path):

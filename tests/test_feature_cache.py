@@ -91,9 +91,70 @@ def test_renamed_files_with_the_same_contents_share_features(images, weights, tm
     assert _key(moved, weights) == key
 
 
-def test_random_weights_are_keyed_by_their_seed():
+def _run_key(data: Path) -> str:
+    """The feature cache key a run gives the training split of data/train (trainer/phases.py),
+    the split as trainer.data lists it."""
+    from trainer.data import load_splits
+    from trainer.phases import RunContext, Schedule, _key_of
+
+    classes, train, test = load_splits(str(data / "train"), str(data / "test"), 0.2, seed=42)
+    ctx = RunContext(
+        output=None,
+        run_dir=None,
+        chief=True,
+        strategy=None,
+        classes=classes,
+        train=train,
+        test=test,
+        image_size=32,
+        batch=16,
+        workers=(1, 0),
+        jit_compile=False,
+        seed=42,
+    )
+    schedule = Schedule(
+        epochs=1,
+        learning_rate=1e-3,
+        finetune_epochs=0,
+        finetune_from="conv5_block1_1_conv",
+        finetune_learning_rate=1e-5,
+        backup_every_steps=0,
+        feature_cache_max_mb=1024,
+        cache_features=True,
+        feature_cache=str(data / "features"),
+        weights=None,
+    )
+    return _key_of(ctx, schedule=schedule)(train, None)
+
+
+def test_a_class_rename_that_reorders_the_split_is_another_key(tmp_path):
+    """Rows follow the split's files: renaming cat/ to zebra/ puts its images after dog's, so
+    the cached rows of the old order would pair cat features with dog labels. A rename that
+    keeps the order (cat/ to ant/) still hits."""
+    for split in ("train", "test"):
+        make_dataset(str(tmp_path / split), ["cat", "dog"], 4, min_size=40, max_size=56, seed=1)
+    key = _run_key(tmp_path)
+
+    def rename(old: str, new: str) -> None:
+        for split in ("train", "test"):
+            (tmp_path / split / old).rename(tmp_path / split / new)
+
+    rename("cat", "ant")
+    assert _run_key(tmp_path) == key
+    rename("ant", "zebra")
+    assert _run_key(tmp_path) != key
+
+
+def test_random_weights_are_keyed_by_their_seed_alike_in_every_process():
+    """The points of a sweep, a retried pod, the next run: each is another process, and each
+    must find the entry its seed's random backbone stored."""
+    code = "from trainer import feature_cache as fc; print(fc.weights_digest(None, seed=1))"
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=trainer_env(), capture_output=True, text=True
+    )
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert other.stdout.strip() == fc.weights_digest(None, seed=1)
     assert fc.weights_digest(None, seed=1) != fc.weights_digest(None, seed=2)
-    assert fc.weights_digest(None, seed=1) == fc.weights_digest(None, seed=1)
 
 
 def test_imagenet_is_keyed_by_the_hash_keras_checks_its_notop_file_against():
@@ -155,6 +216,28 @@ def test_a_miss_computes_and_stores_and_the_next_run_hits(cache_uri, images, wei
     Path(images[1]).write_bytes(Path(images[1]).read_bytes()[:-10])  # an image changed
     _, hit = fc.cached_features(cache_uri, _key(images, weights), compute, rows=len(images))
     assert (hit, len(calls)) == (False, 2)
+
+
+def test_a_local_entry_appears_under_its_name_only_once_complete(tmp_path, monkeypatch):
+    """Another run may look the key up at any moment: while the entry's bytes are being
+    written, its name must not exist yet (a reader would find half an entry, take it for a
+    corrupt one and remove it)."""
+    cache = tmp_path / "features"
+    features = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+    seen = []
+    save = np.save
+
+    def save_then_look(file, array, **kwargs):  # the array is written, the footer is not yet
+        save(file, array, **kwargs)
+        file.flush()
+        seen.append(sorted(p.name for p in cache.iterdir()))
+
+    monkeypatch.setattr(np, "save", save_then_look)
+    assert fc.store(str(cache), "k", features) is True
+
+    (names,) = seen
+    assert "k.npy" not in names
+    np.testing.assert_array_equal(fc.lookup(str(cache), "k", rows=6), features)
 
 
 def test_text_entries_round_trip_and_the_first_writer_wins_on_gcs(cache_uri):

@@ -8,15 +8,15 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, SMALL, make_folders
+from tests.conftest import CLASSES, REPO, SMALL, make_folders
 from trainer.config import register_configs
 from trainer.job import run
 
 PUBLISHED = {"_SUCCESS", "saved_model", "labels.txt", "metrics.json", "config.yaml", "tensorboard"}
 
 
-def _config(tmp_path, *overrides: str):
-    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
+def _config(tmp_path, *overrides: str, classes=CLASSES):
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4, classes=classes)
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         return compose(
@@ -32,8 +32,15 @@ def _config(tmp_path, *overrides: str):
 
 
 def test_run_returns_the_metrics_it_publishes_and_leaves_only_outputs(tmp_path, in_process_run):
+    """Also: class ids follow the sorted folder names, "Dog" before "cat" (labels.txt, the
+    training labels), and the exported model names each id as labels.txt does."""
+    import tensorflow as tf
+
     # feature_cache_max_mb=0: the features spill to disk, and the spill must be gone at the end
-    metrics = run(_config(tmp_path, "train.epochs=2", "train.feature_cache_max_mb=0"))
+    config = _config(
+        tmp_path, "train.epochs=2", "train.feature_cache_max_mb=0", classes=["Dog", "cat"]
+    )
+    metrics = run(config)
 
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == PUBLISHED  # no backup, feature spill or partials
@@ -43,7 +50,13 @@ def test_run_returns_the_metrics_it_publishes_and_leaves_only_outputs(tmp_path, 
     assert sum(map(sum, metrics["confusion_matrix"])) == 8
     assert {"backbone_pass_s", "head_s", "export_s"} <= set(metrics["timings"])
     assert (out / "saved_model" / "saved_model.pb").exists()
-    assert (out / "labels.txt").read_text() == "cat\ndog\n"
+    labels = (out / "labels.txt").read_text().splitlines()
+    assert labels == sorted(["cat", "Dog"]) == metrics["classes"]
+    serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+    images = sorted((tmp_path / "data" / "test").glob("*/*.jpg"))
+    served = serve(image_bytes=tf.constant([p.read_bytes() for p in images]))
+    names = [name.decode() for name in served["class_name"].numpy()]
+    assert names == [labels[i] for i in served["class_id"].numpy()]
 
 
 @pytest.mark.slow  # about a minute: fine-tuning runs the backbone's top on every step

@@ -366,10 +366,21 @@ def test_the_deadline_follows_points_parallelism_and_limit():
     deadline = by_kind(list(yaml.safe_load_all(result.stdout)))["Job"]["spec"][
         "activeDeadlineSeconds"
     ]
+    # 8 points, 3 at a time: 3 waves, the last a partial one, each with the whole limit and
+    # the margin a point needs around it
+    wave = 1800 + kube.POINT_MARGIN_S
     waves = math.ceil(8 / 3)
-    assert waves * 1800 < deadline <= waves * 1800 + 3600
+    assert waves * wave <= deadline <= waves * wave + 3600
     one = by_kind(render("one_gpu"))["Job"]["spec"]["activeDeadlineSeconds"]
     assert one == 24 * 3600  # no limit: one day, as before
+
+
+def test_a_partial_last_wave_of_a_sweep_gets_a_whole_wave_of_deadline():
+    """7 points 3 at a time run in 3 waves, as 9 do: the 7th point, alone in the last wave,
+    still gets its whole train.max_hours before the Job's deadline."""
+    deadline = functools.partial(kube.deadline_seconds, parallelism=3, max_hours=0.5)
+    assert deadline(points=7) == deadline(points=9)
+    assert deadline(points=7) - deadline(points=6) >= 1800
 
 
 def test_train_max_hours_as_an_override_is_refused_in_favour_of_the_flag():

@@ -33,6 +33,30 @@ def test_predict_prints_path_class_and_probability_per_image(trained_run, tmp_pa
         assert cls == CLASSES[row.argmax()] and float(p) == pytest.approx(row.max(), abs=1e-4)
 
 
+def test_predict_pairs_each_path_with_its_own_result_in_the_order_given(trained_run, capsys):
+    """`predict out dog.jpg cat.jpg`: arguments not in sorted order still get their own class
+    on their own line, in the order given."""
+    from trainer import predict
+
+    serve = tf.saved_model.load(str(trained_run.out / "saved_model")).signatures["serving_default"]
+
+    def answer(path: Path) -> tuple[str, float]:
+        out = serve(image_bytes=tf.constant([path.read_bytes()]))
+        return out["class_name"].numpy()[0].decode(), float(out["probabilities"].numpy().max())
+
+    # The first test image of each class the model gets right, dog's first: unsorted paths.
+    dog, cat = (
+        next(p for p in sorted(trained_run.test_dir.glob(f"{c}/*.jpg")) if answer(p)[0] == c)
+        for c in ("dog", "cat")
+    )
+    predict.main([str(trained_run.out), str(dog), str(cat)])
+
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [(path, name) for path, name, _ in lines] == [(str(dog), "dog"), (str(cat), "cat")]
+    for (path, _, probability), image in zip(lines, (dog, cat), strict=True):
+        assert float(probability) == pytest.approx(answer(image)[1], abs=1e-4), path
+
+
 def test_predict_reports_a_bad_image_and_classifies_the_rest(trained_run, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"nope")

@@ -150,6 +150,23 @@ def test_transient_errors_while_staging_are_retried(emulator, gcs_bucket, images
     assert ("GET", 503) in proxy.log
 
 
+def test_transient_errors_while_downloading_are_retried(
+    emulator, gcs_bucket, images, proxy, tmp_path
+):
+    """The listing goes through; then object downloads get 503s (GCS under load): each is
+    retried, and the staged files are the bucket's."""
+    count = emulator.upload_dir(images, f"gs://{gcs_bucket}/train")
+    proxy.fail(503, times=4, methods=("GET",), downloads_only=True)
+    report = stage_prefix(f"gs://{gcs_bucket}/train", str(tmp_path / "staged"), "data.train_dir")
+    assert report.downloaded == count
+    answers = zip(proxy.log, proxy.paths, strict=True)  # recorded together, in order
+    failed = [path for (_, status), (_, path) in answers if status == 503]
+    assert len(failed) == 4 and all("alt=media" in path for path in failed)
+    for image in images.rglob("*.jpg"):
+        staged = tmp_path / "staged" / image.relative_to(images)
+        assert staged.read_bytes() == image.read_bytes()
+
+
 def _prepared_output(uri: str, tmp_path: Path, **kwargs) -> Output:
     output = Output(uri, kwargs.pop("overwrite", False), str(tmp_path / "cache"), 0, **kwargs)
     output.prepare()

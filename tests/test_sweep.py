@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import SMALL, make_folders, run_trainer, trainer_env
+from tests.conftest import (
+    SMALL,
+    Lines,
+    make_folders,
+    run_trainer,
+    start_trainer,
+    stopped_on_exit,
+    trainer_env,
+)
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
@@ -39,16 +48,50 @@ def _experiment(root: Path):
     return metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
 
 
-def test_a_failing_point_is_reported_and_the_sweep_goes_on_then_exits_with_its_code(
+def _record(point, accuracy, loss, code=0) -> dict:
+    """A sweep point as sweep.csv records it."""
+    return {
+        "point": point,
+        "overrides": f"model.dropout=0.{point}",
+        "status": "ok" if code == 0 else "failed",
+        "exit_code": code,
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "wall_seconds": 1.0,
+        "output_dir": f"out/{point}",
+    }
+
+
+def test_sweep_csv_and_its_table_list_the_best_point_first():
+    """README: best first (highest test accuracy, then lowest loss), failed points last."""
+    from trainer.sweep import format_table, summary_csv
+
+    records = [
+        _record(0, 0.5, 0.9),
+        _record(1, None, None, code=2),
+        _record(2, 0.9, 0.4),
+        _record(3, 0.9, 0.3),
+        _record(4, 0.7, 0.6),
+    ]
+    rows = list(csv.DictReader(summary_csv(records).splitlines()))
+    assert [r["point"] for r in rows] == ["3", "2", "4", "0", "1"]
+    table = format_table(records).splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["3", "2", "4", "0", "1"]
+
+
+def test_failing_points_are_reported_the_sweep_goes_on_and_exits_with_the_first_ones_code(
     folders, tmp_path
 ):
+    """Points 0 and 2 fail with different codes (5: train.max_hours reached; 2: a bad dropout),
+    point 1 succeeds: each failure is one line, and the exit code is point 0's."""
     train_dir, test_dir = folders
     out, sweep_dir = tmp_path / "out", tmp_path / "sweep"
     result = run_trainer(
         "-m",
         f"data.train_dir={train_dir}",
         f"data.test_dir={test_dir}",
-        "model.dropout=1.5,0.2",
+        "train.max_hours=1e-09,null",
+        "model.dropout=0.2,1.5",
         "train.epochs=1",
         *SMALL,
         f"output.dir={out}",
@@ -56,28 +99,32 @@ def test_a_failing_point_is_reported_and_the_sweep_goes_on_then_exits_with_its_c
         cwd=tmp_path,
     )
 
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 5, result.stderr[-3000:]
     reported = [line for line in result.stderr.splitlines() if line.startswith("sweep point")]
-    assert reported == [
-        "sweep point 0 [model.dropout=1.5] exit 2: "
-        "trainer: error: model.dropout=1.5: must be in [0, 1)"
+    assert [line.split(": ", 1)[0] for line in reported] == [
+        "sweep point 0 [train.max_hours=1e-09 model.dropout=0.2] exit 5",
+        "sweep point 1 [train.max_hours=1e-09 model.dropout=1.5] exit 2",
+        "sweep point 3 [train.max_hours=null model.dropout=1.5] exit 2",
     ]
+    assert reported[1].endswith("trainer: error: model.dropout=1.5: must be in [0, 1)")
     # output.dir is the sweep's root: point N writes to output.dir/N.
-    assert (out / "1" / "_SUCCESS").exists() and not (out / "0" / "_SUCCESS").exists()
-    metrics = json.loads((out / "1" / "metrics.json").read_text())
+    assert (out / "2" / "_SUCCESS").exists() and not (out / "0" / "_SUCCESS").exists()
+    metrics = json.loads((out / "2" / "metrics.json").read_text())
 
     rows = _rows(sweep_dir / "sweep.csv")
     assert (out / "sweep.csv").read_text() == (sweep_dir / "sweep.csv").read_text()
     assert [(r["point"], r["status"], r["exit_code"]) for r in rows] == [
-        ("1", "ok", "0"),  # best first; failed points last
-        ("0", "failed", "2"),
+        ("2", "ok", "0"),  # best first; failed points last
+        ("0", "failed", "5"),
+        ("1", "failed", "2"),
+        ("3", "failed", "2"),
     ]
-    assert rows[0]["overrides"] == "model.dropout=0.2"
+    assert rows[0]["overrides"] == "train.max_hours=null model.dropout=0.2"
     assert float(rows[0]["test_accuracy"]) == metrics["test_accuracy"]
     assert float(rows[0]["test_loss"]) == metrics["test_loss"]
-    assert rows[0]["output_dir"] == str(out / "1") and float(rows[0]["wall_seconds"]) > 0
+    assert rows[0]["output_dir"] == str(out / "2") and float(rows[0]["wall_seconds"]) > 0
     table = result.stdout[result.stdout.index("point  status") :].splitlines()
-    assert table[1].split()[:3] == ["1", "ok", "0"] and table[2].split()[:3] == ["0", "failed", "2"]
+    assert table[1].split()[:3] == ["2", "ok", "0"] and table[2].split()[:3] == ["0", "failed", "5"]
 
     experiment = _experiment(sweep_dir)
     dropout = {h.name: h for h in experiment.hparam_infos}["dropout"]
@@ -85,6 +132,40 @@ def test_a_failing_point_is_reported_and_the_sweep_goes_on_then_exits_with_its_c
     assert dropout.differs
     assert {m.name.tag for m in experiment.metric_infos} == {"test_accuracy", "test_loss"}
     assert _experiment(out).hparam_infos == experiment.hparam_infos
+
+
+def test_sigterm_stops_a_local_sweep_with_143_and_no_further_point_starts(folders, tmp_path):
+    """The machine or pod is going away: the point being trained stops with its backup, the
+    sweep starts no other point, sums up what ran and exits 143."""
+    train_dir, test_dir = folders
+    out, sweep_dir = tmp_path / "out", tmp_path / "sweep"
+    epochs = 300  # the head's epochs take milliseconds: enough of them to be stopped mid-way
+    process = start_trainer(
+        "-m",
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        "model.dropout=0.1,0.2,0.3",
+        f"train.epochs={epochs}",
+        *SMALL,
+        f"output.dir={out}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    with stopped_on_exit(process):
+        lines = Lines(process)
+        lines.wait_for(f"epoch 2/{epochs}", timeout=300)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
+
+    assert process.returncode == 143, stderr[-3000:]
+    reported = [line for line in stderr.splitlines() if line.startswith("sweep point")]
+    assert [line.split(": ", 1)[0] for line in reported] == [
+        "sweep point 0 [model.dropout=0.1] exit 143"
+    ], stderr[-3000:]
+    assert (out / "0" / "backup").is_dir() and not (out / "1").exists()
+    rows = _rows(sweep_dir / "sweep.csv")
+    assert [(r["point"], r["status"], r["exit_code"]) for r in rows] == [("0", "failed", "143")]
 
 
 def test_a_sweep_into_gcs_writes_each_point_and_the_summary_under_output_dir(

@@ -8,6 +8,7 @@ import shutil
 
 import keras
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CLASSES, SMALL, last_error_line, make_folders, run_trainer
@@ -193,3 +194,21 @@ def test_sweep_metric_is_the_test_accuracy(trained_run, tmp_path, in_process_run
     accuracy = _hydra_main(cfg)  # hydra.main passes a given config straight to the task
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert accuracy == metrics["test_accuracy"]
+
+
+def test_a_test_accuracy_equal_to_train_min_accuracy_passes_the_gate(tmp_path):
+    """README: below train.min_accuracy, exit 3. At it, the run exports: a perfect run with
+    train.min_accuracy=1.0 (or 3 of 4 right at 0.75) is not refused."""
+    from types import SimpleNamespace
+
+    from trainer import BelowMinAccuracy
+    from trainer.job import check_min_accuracy
+    from trainer.output import Output
+
+    ctx = SimpleNamespace(
+        chief=True, output=Output(str(tmp_path / "out"), False, str(tmp_path / "cache"), 0)
+    )
+    for accuracy in (1.0, 0.75):
+        check_min_accuracy(ctx, metrics={"test_accuracy": accuracy}, min_accuracy=accuracy)
+    with pytest.raises(BelowMinAccuracy, match="is below train.min_accuracy=0.75"):
+        check_min_accuracy(ctx, metrics={"test_accuracy": 0.7499}, min_accuracy=0.75)

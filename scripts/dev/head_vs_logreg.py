@@ -1,0 +1,90 @@
+"""The trainer's head against a converged logistic regression on the same features (a dev tool).
+
+    python scripts/dev/head_vs_logreg.py --train DIR --test DIR --weights PATH \
+        [--image-size 96] [-- trainer overrides...]
+
+Runs `python -m trainer` on the folders (its test accuracy, from metrics.json), then computes the
+pooled features of the same images with the trainer's own feature extractor (the folded
+backbone, float32) and fits scikit-learn's LogisticRegression on them, standardized as the head
+standardizes them: with C=1 (scikit-learn's default) and C=1e4 (nearly unregularized), each to
+convergence. Prints one tab-separated row: trainer, logreg C=1, logreg C=1e4, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # this checkout's trainer
+
+
+def trainer_accuracy(*, train: str, test: str, weights: str, size: int, extra: list[str]) -> float:
+    """Test accuracy of one `python -m trainer` run on the folders (outputs in a temp dir)."""
+    with tempfile.TemporaryDirectory(prefix="trainer-head-") as scratch:
+        command = [sys.executable, "-m", "trainer", f"data.train_dir={train}"]
+        command += [f"data.test_dir={test}", f"data.image_size={size}", f"model.weights={weights}"]
+        command += ["storage.feature_cache=null", f"output.dir={scratch}/out", *extra]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"trainer exited {result.returncode}: {result.stderr[-2000:]}")
+        return json.loads(Path(scratch, "out", "metrics.json").read_text())["test_accuracy"]
+
+
+def logreg_accuracies(*, train: str, test: str, weights: str, size: int) -> dict[float, float]:
+    """C -> test accuracy of LogisticRegression on the standardized float32 pooled features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from trainer.data import load_splits
+    from trainer.features import extract_features
+    from trainer.model import build_model, feature_extractor
+
+    classes, train_split, test_split = load_splits(train, test, 0.2, seed=0)
+    extractor = feature_extractor(build_model(len(classes), size, weights, dropout=0.0))
+    with tempfile.TemporaryDirectory(prefix="trainer-head-") as scratch:
+        features = {
+            name: extract_features(extractor, split, size, 32, 1024, scratch, name)
+            for name, split in (("train", train_split), ("test", test_split))
+        }
+    scaler = StandardScaler().fit(features["train"])
+    x_train, x_test = scaler.transform(features["train"]), scaler.transform(features["test"])
+    accuracies = {}
+    for c in (1.0, 1e4):
+        model = LogisticRegression(C=c, max_iter=20000, tol=1e-6).fit(x_train, train_split.labels)
+        accuracies[c] = float(np.mean(model.predict(x_test) == test_split.labels))
+    return accuracies
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--test", required=True)
+    parser.add_argument("--weights", required=True, help="model.weights: a notop .h5")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("overrides", nargs="*", help="more trainer overrides (after --)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    common = dict(train=args.train, test=args.test, weights=args.weights, size=args.image_size)
+    head = trainer_accuracy(**common, extra=args.overrides)
+    from trainer.quiet import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
+    reference = logreg_accuracies(**common)
+    seconds = time.perf_counter() - started
+    print("trainer\tlogreg_C1\tlogreg_C1e4\tseconds")
+    print(f"{head:.3f}\t{reference[1.0]:.3f}\t{reference[1e4]:.3f}\t{seconds:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,13 @@ setup(
         "trainer",
         "trainer.conf",
         *(f"trainer.conf.{group}" for group in CONF_GROUPS),
-        # `hydra/launcher=kubernetes`: Hydra finds launchers in the hydra_plugins namespace package
+        # `hydra/launcher=kubernetes`: Hydra finds launchers by walking the hydra_plugins
+        # namespace package's folders. Listed itself (it has no __init__.py, so a wheel gains
+        # no file), it is a namespace whose folder an editable install puts in
+        # hydra_plugins.__path__; else setuptools' editable finder serves the launcher without
+        # a folder to walk, and Hydra finds it only when run from the checkout
+        # (tests/test_editable_install.py).
+        "hydra_plugins",
         "hydra_plugins.trainer_kubernetes_launcher",
     ],
     package_dir={"trainer.conf": "conf"},

@@ -48,8 +48,8 @@ _DEFAULT_OUTPUT = "${hydra:runtime.output_dir}"
 
 # The sweep's own process: where records are and what `finish` returned (set per multirun).
 _sweep: dict = {}
-# The point's process: the last run's metrics and its start time (the task and on_job_end
-# always run in the same process, in every launcher).
+# What on_job_end records for the point that just ended: its metrics and seconds, set through
+# `record_point` by whoever ran it (`run_point` here; the Kubernetes launcher for a pod's point).
 _point: dict = {}
 
 
@@ -97,12 +97,25 @@ def point_config(cfg: DictConfig) -> DictConfig:
 
 
 def run_point(run, cfg: DictConfig) -> dict:
-    """`run(cfg)` for a single run or a sweep point, keeping the metrics for the summary."""
-    _point.clear()
-    _point["started"] = time.perf_counter()
-    metrics = run(point_config(cfg))
-    _point["metrics"] = metrics
+    """`run(cfg)` for a single run or a sweep point, recording its metrics and seconds for the
+    summary (a failed point's seconds too)."""
+    started = time.perf_counter()
+    record_point(None, 0.0)
+    try:
+        metrics = run(point_config(cfg))
+    except BaseException:
+        record_point(None, time.perf_counter() - started)
+        raise
+    record_point(metrics, time.perf_counter() - started)
     return metrics
+
+
+def record_point(metrics: dict | None, seconds: float) -> None:
+    """What the summary records for the point whose on_job_end comes next: its metrics (None
+    when it failed) and how long it ran. Called by `run_point` for a point run in this process,
+    and by a launcher that ran the point elsewhere (hydra/launcher=kubernetes: the pods' time)."""
+    _point.clear()
+    _point.update(metrics=metrics, seconds=seconds)
 
 
 def raise_or_exit(code: int, line: str, error: BaseException, exit) -> None:
@@ -134,14 +147,12 @@ class SweepSummary(Callback):
             "exit_code": ExitCode.OK,
             "test_accuracy": None,
             "test_loss": None,
-            "wall_seconds": round(
-                time.perf_counter() - _point.get("started", time.perf_counter()), 1
-            ),
+            "wall_seconds": round(_point.get("seconds") or 0.0, 1),
             "output_dir": _point_output_dir(job_return.cfg, num),
         }
         try:
             _ = job_return.return_value  # re-raises the point's exception
-            metrics = _point.get("metrics", {})
+            metrics = _point.get("metrics") or {}
             record.update(
                 test_accuracy=metrics.get("test_accuracy"), test_loss=metrics.get("test_loss")
             )

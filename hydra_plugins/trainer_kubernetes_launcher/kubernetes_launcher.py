@@ -28,7 +28,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict, read_write
 
-from trainer import ExitCode, TrainerError, kube
+from trainer import ExitCode, TrainerError, kube, sweep
 from trainer.sweep import PointFailed
 
 from .jobs import Cluster, IndexOutcome, LauncherError
@@ -272,7 +272,8 @@ class KubernetesLauncher(Launcher):
             error.log_tail = result.log_tail
             ret.return_value = error
         HydraConfig.instance().set_config(point.config)
-        _hand_to_summary(result)
+        # The summary's record of the point: the pod's metrics and the time its pods ran
+        sweep.record_point(result.metrics, result.seconds or 0.0)
         self.hydra_context.callbacks.on_job_end(config=point.config, job_return=ret)
         return ret
 
@@ -336,21 +337,6 @@ def _finished_result(output_dir: str) -> Result | None:
             return None
         text = folder.blob(gcs.join(prefix, rundir.METRICS)).download_as_text(retry=gcs.retry())
     return Result(metrics=json.loads(text))
-
-
-def _hand_to_summary(result: Result) -> None:
-    """HOOK (issue 10): trainer.sweep's summary takes a point's metrics and start time from the
-    process that ran it, which for a pod is not this one; give them to it here."""
-    try:
-        from trainer import sweep
-    except ImportError:
-        return
-    point = getattr(sweep, "_point", None)
-    if isinstance(point, dict):
-        point.clear()
-        point["started"] = time.perf_counter() - (result.seconds or 0.0)
-        if result.metrics is not None:
-            point["metrics"] = result.metrics
 
 
 def _key(override: str) -> str:

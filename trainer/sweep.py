@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -183,9 +184,17 @@ class SweepSummary(Callback):
 
 def _swept(overrides: list[str]) -> list[str]:
     """The point's own overrides: those not given literally on the command line (the sweep's
-    values; Optuna's suggestions). All of them are in the point's .hydra/overrides.yaml."""
-    own = [o for o in overrides if o not in sys.argv[1:]]
+    values; Optuna's suggestions). All of them are in the point's .hydra/overrides.yaml. The
+    sweepers hand a constant value over escaped (`gs\\://b`), so both sides are compared
+    unescaped."""
+    given = {_unescaped(a) for a in sys.argv[1:]}
+    own = [o for o in overrides if _unescaped(o) not in given]
     return own or list(overrides)
+
+
+def _unescaped(override: str) -> str:
+    """An override without the backslashes of Hydra's escaping (`\\:` -> `:`)."""
+    return re.sub(r"\\(.)", r"\1", override)
 
 
 def _point_output_dir(cfg: DictConfig, num: int) -> str:

@@ -107,6 +107,8 @@ def test_failing_points_are_reported_the_sweep_goes_on_and_exits_with_the_first_
         "sweep point 3 [train.max_hours=null model.dropout=1.5] exit 2",
     ]
     assert reported[1].endswith("trainer: error: model.dropout=1.5: must be in [0, 1)")
+    # The promised line only: not Hydra's own report besides it
+    assert "Error executing job" not in result.stderr
     # output.dir is the sweep's root: point N writes to output.dir/N.
     assert (out / "2" / "_SUCCESS").exists() and not (out / "0" / "_SUCCESS").exists()
     metrics = json.loads((out / "2" / "metrics.json").read_text())

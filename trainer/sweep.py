@@ -25,6 +25,7 @@ import sys
 import time
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -151,6 +152,9 @@ class SweepSummary(Callback):
             "wall_seconds": round(_point.get("seconds") or 0.0, 1),
             "output_dir": _point_output_dir(job_return.cfg, num),
         }
+        if job_return.status == JobStatus.FAILED:
+            # Its line is printed below: the sweeper's read of it must not add Hydra's own
+            job_return.__class__ = _Reported
         try:
             _ = job_return.return_value  # re-raises the point's exception
             metrics = _point.get("metrics") or {}
@@ -180,6 +184,22 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         finish()
+
+
+class _Reported(JobReturn):
+    """A failed point's JobReturn once its one line is printed. Hydra's JobReturn writes "Error
+    executing job with overrides: [...]" to stderr each time its return_value is read (by this
+    summary, then by the sweeper); this one only raises the point's error."""
+
+    @property
+    def return_value(self):
+        if self.status == JobStatus.COMPLETED:
+            return self._return_value
+        raise self._return_value
+
+    @return_value.setter
+    def return_value(self, value) -> None:
+        self._return_value = value
 
 
 def _swept(overrides: list[str]) -> list[str]:

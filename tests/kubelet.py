@@ -7,6 +7,8 @@ container's exit code), as a real kubelet would; the real Job controller does th
 serves the pods' logs to the API server (GET /containerLogs/..., the kubelet's own API), so the
 pods/log API works. `preempt` names completion indexes whose first pod is preempted: marked
 Failed with a DisruptionTarget condition and exit code 143, as GKE does to a Spot VM's pods.
+`oom` names indexes whose every pod is OOM-killed: terminated with reason OOMKilled, exit 137.
+Both report SIMULATED_RUN_S of running (startedAt that long before finishedAt) without a process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+SIMULATED_RUN_S = 5  # how long a preempted or OOM-killed pod says it ran
 
 
 @dataclass
@@ -44,8 +47,10 @@ class Kubelet:
     entrypoints: dict[str, list[str]]
     env: dict[str, str]  # the node's environment (PYTHONPATH, STORAGE_EMULATOR_HOST, ...)
     preempt: set[int] = field(default_factory=set)
+    oom: set[int] = field(default_factory=set)
     started_pods: list[str] = field(default_factory=list)
     preempted_pods: list[str] = field(default_factory=list)
+    oom_killed_pods: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         from kubernetes import client
@@ -118,12 +123,19 @@ class Kubelet:
         )
         index = int(pod.metadata.annotations.get(INDEX_KEY, -1))
         container = pod.spec.containers[0]
+        folder = self.root / name
         if index in self.preempt:
             self.preempt.discard(index)
             self.preempted_pods.append(name)
-            self._set_status(pod, container, 143, _now(), preempted=True)
+            self._set_status(pod, container, 143, _now(-SIMULATED_RUN_S), preempted=True)
             return
-        folder = self.root / name
+        if index in self.oom:
+            self.oom_killed_pods.append(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.logs[name] = folder / "log"
+            self.logs[name].write_text("Epoch 1/1 (the test kubelet OOM-kills this pod)\n")
+            self._set_status(pod, container, 137, _now(-SIMULATED_RUN_S), reason="OOMKilled")
+            return
         volumes = {m.mount_path: folder / m.name for m in container.volume_mounts or []}
         for local in volumes.values():
             local.mkdir(parents=True, exist_ok=True)
@@ -167,9 +179,11 @@ class Kubelet:
         container = pod.spec.containers[0]
         self._set_status(pod, container, running.process.returncode, running.started)
 
-    def _set_status(self, pod, container, code: int, started: str, preempted=False) -> None:
+    def _set_status(
+        self, pod, container, code: int, started: str, preempted=False, reason=None
+    ) -> None:
         now = _now()
-        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        terminated = {"exitCode": code, "reason": reason or ("Completed" if code == 0 else "Error")}
         terminated |= {"startedAt": started, "finishedAt": now}
         status = {
             "phase": "Succeeded" if code == 0 else "Failed",
@@ -246,8 +260,9 @@ class Kubelet:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(offset_s: float = 0) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=offset_s)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _container_status(name: str, image: str, state: dict) -> dict:

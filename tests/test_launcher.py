@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def bucket(emulator, tmp_path_factory) -> str:
     return name
 
 
-def kubelet(api, namespace: str, root: Path, emulator, preempt=()) -> Kubelet:
+def kubelet(api, namespace: str, root: Path, emulator, preempt=(), oom=()) -> Kubelet:
     """The test kubelet for `namespace`: it runs IMAGE's entrypoint, `python -m trainer`
     (Dockerfile's ENTRYPOINT), with this checkout's code and the emulator as GCS."""
     return Kubelet(
@@ -197,6 +198,7 @@ def kubelet(api, namespace: str, root: Path, emulator, preempt=()) -> Kubelet:
         entrypoints={IMAGE: [sys.executable, "-m", "trainer"]},
         env=trainer_env(STORAGE_EMULATOR_HOST=emulator.url),
         preempt=set(preempt),
+        oom=set(oom),
     )
 
 
@@ -256,8 +258,9 @@ def documented_rules() -> list[dict]:
 
 
 class Grid:
-    """One 4-point grid sweep (point 3 has a bad value; point 1's first pod is preempted) run
-    through the launcher as a service account holding only the launcher's documented Role."""
+    """One 5-point grid sweep (point 3 has a bad value; point 1's first pod is preempted; every
+    pod of point 4 is OOM-killed) run through the launcher as a service account holding only the
+    launcher's documented Role."""
 
     def __init__(self, api, namespace, kubeconfig, output, sweep_dir, command, result, kubelet):
         self.api, self.namespace, self.kubeconfig = api, namespace, kubeconfig
@@ -272,29 +275,35 @@ def grid(api, emulator, bucket, tmp_path_factory):
     config = kubeconfig_for(api, namespace, "launcher", root / "kubeconfig", documented_rules())
     output = f"gs://{bucket}/grid-{namespace}"
     command = driver_command(
-        bucket, output, namespace, root / "sweep", "model.dropout=0.1,0.2,0.3,1.5"
+        bucket, output, namespace, root / "sweep", "model.dropout=0.1,0.2,0.3,1.5,0.4"
     )
     try:
-        with kubelet(api, namespace, root / "node", emulator, preempt={1}) as node:
+        with kubelet(api, namespace, root / "node", emulator, preempt={1}, oom={4}) as node:
             result = run_driver(command, config, emulator, cwd=root)
         yield Grid(api, namespace, config, output, root / "sweep", command, result, node)
     finally:
         delete_namespace(api, namespace)
 
 
-def test_a_point_that_exits_2_fails_alone_and_the_summary_shows_all_four(grid, emulator):
+def test_a_point_that_exits_2_fails_alone_and_the_summary_shows_all_five(grid, emulator):
     result = grid.result
+    print(result.stdout)  # the sweep's summary table, for the record (pytest -s)
     assert result.returncode == 2, result.stderr[-3000:]
     (job,) = jobs(grid.api, grid.namespace)
-    assert job.spec.completions == 4
+    assert job.spec.completions == 5
     assert job.status.completed_indexes == "0-2"
-    assert job.status.failed_indexes == "3"
+    assert job.status.failed_indexes == "3,4"
     rows = summary_rows(emulator, grid.output)
     assert [(r["point"], r["status"], r["exit_code"]) for r in rows] == [
         ("0", "ok", "0"),
         ("1", "ok", "0"),
         ("2", "ok", "0"),
         ("3", "failed", "2"),
+        ("4", "failed", "137"),
+    ]
+    # Only the swept key: not the constant gs:// paths, which the sweeper hands over escaped
+    assert [r["overrides"] for r in rows] == [
+        f"model.dropout={v}" for v in ("0.1", "0.2", "0.3", "1.5", "0.4")
     ]
     assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows[:3])
     # The failed point's own error line, read back through the pods/log API, names the key.
@@ -303,35 +312,70 @@ def test_a_point_that_exits_2_fails_alone_and_the_summary_shows_all_four(grid, e
     for point in range(3):
         assert "_SUCCESS" in gcs_names(emulator, f"{grid.output}/{point}")
     assert "_SUCCESS" not in gcs_names(emulator, f"{grid.output}/3")
+    # Each failed point is one line, the promised one, not also Hydra's own report
+    reported = [line for line in result.stderr.splitlines() if line.startswith("sweep point")]
+    assert [line.split(" exit ", 1)[0] for line in reported] == [
+        "sweep point 3 [model.dropout=1.5]",
+        "sweep point 4 [model.dropout=0.4]",
+    ]
+    assert "Error executing job" not in result.stderr
+    # The OOM kill is said as the kubelet reported it, not only by the log's last line
+    assert reported[1].startswith("sweep point 4 [model.dropout=0.4] exit 137: pod ") and reported[
+        1
+    ].endswith(
+        "ended OOMKilled (exit 137, SIGKILL): over its memory limit, hydra.launcher.memory=32Gi;"
+        " its last log line: Epoch 1/1 (the test kubelet OOM-kills this pod)"
+    )
+
+
+def _ran(pods) -> float:
+    return sum(
+        (s.state.terminated.finished_at - s.state.terminated.started_at).total_seconds()
+        for p in pods
+        for s in p.status.container_statuses
+    )
 
 
 def test_a_preempted_pod_is_replaced_and_its_point_still_finishes(grid, emulator):
     (job,) = jobs(grid.api, grid.namespace)
-    first, *others = pods_by_index(grid.api, grid.namespace, job.metadata.name)[1]
+    by_index = pods_by_index(grid.api, grid.namespace, job.metadata.name)
+    first, *others = by_index[1]
     assert grid.kubelet.preempted_pods == [first.metadata.name]
     assert any(c.type == "DisruptionTarget" for c in first.status.conditions)
     assert [p.status.phase for p in others] == ["Succeeded"]
-    assert job.status.failed == 1  # point 3's pod; podFailurePolicy ignored the preemption
+    # point 3's pod and point 4's three (a crash is retried twice); the preemption is ignored
+    assert job.status.failed == 1 + 3
+    assert len(grid.kubelet.oom_killed_pods) == 3
     assert "_SUCCESS" in gcs_names(emulator, f"{grid.output}/1")
+    # A point's seconds are all its pods' run time: the preempted pod's too
+    rows = summary_rows(emulator, grid.output)
+    for point in (1, 4):
+        assert len(by_index[point]) > 1
+        assert float(rows[point]["wall_seconds"]) == pytest.approx(_ran(by_index[point]), abs=0.1)
 
 
 def test_a_rerun_skips_finished_points_and_resubmits_the_rest(grid, emulator, tmp_path):
+    before = summary_rows(emulator, grid.output)
     with kubelet(grid.api, grid.namespace, tmp_path / "node", emulator) as node:
         rerun = run_driver(grid.command, grid.kubeconfig, emulator, cwd=tmp_path)
     assert rerun.returncode == 2, rerun.stderr[-3000:]
     first, second = jobs(grid.api, grid.namespace)
-    assert second.spec.completions == 1  # only point 3 ran again
+    assert second.spec.completions == 2  # only points 3 and 4 ran again
     env = {var.name: var.value for var in second.spec.template.spec.containers[0].env}
-    (point,) = json.loads(env["TRAINER_SWEEP"])
+    point, _ = json.loads(env["TRAINER_SWEEP"])
     assert point[-1] == f"output.dir={grid.output.replace(':', chr(92) + ':')}/3"
-    assert len(node.started_pods) == 1
+    assert len(node.started_pods) == 2
     rows = summary_rows(emulator, grid.output)
     assert [(r["point"], r["status"]) for r in rows] == [
         ("0", "ok"),
         ("1", "ok"),
         ("2", "ok"),
         ("3", "failed"),
+        ("4", "ok"),  # no OOM kill this time
     ]
+    # A skipped point keeps the seconds its run took, not 0
+    assert [r["wall_seconds"] for r in rows[:3]] == [r["wall_seconds"] for r in before[:3]]
+    assert all(float(r["wall_seconds"]) > 0 for r in rows)
 
 
 # -- Optuna --------------------------------------------------------------------------------------
@@ -371,10 +415,16 @@ def test_optuna_sweep_runs_one_job_per_batch_and_the_study_gets_every_accuracy(
 # -- stopping, and errors before any Job ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    ("signum", "repeats"),
+    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 20), (signal.SIGTERM, 20)],
+    ids=["ctrl-c", "sigterm", "ctrl-c-again-and-again", "sigterm-to-the-group-again"],
+)
 def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
-    api, namespace, kubeconfig, emulator, bucket, tmp_path, signum
+    api, namespace, kubeconfig, emulator, bucket, tmp_path, signum, repeats
 ):
+    """One signal, or a burst 15 ms apart (Ctrl-C pressed again; `timeout -s TERM` on the
+    process group), which lands while the driver deletes its Job: the Job is gone all the same."""
     from kubernetes import client
 
     # No kubelet: the pods stay Pending, so the driver is still waiting when the signal comes.
@@ -394,6 +444,7 @@ def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # a process group of its own, as a shell's job has
         )
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -416,7 +467,12 @@ def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
             pod[0].metadata.name, namespace, {"status": {"containerStatuses": [pulling]}}
         )
         wait_for(lambda: any("ImagePullBackOff" in line for line in output), 60, "the warning")
-        driver.send_signal(signum)
+        for _ in range(repeats):
+            try:
+                os.killpg(driver.pid, signum)
+            except ProcessLookupError:  # it is done already
+                break
+            time.sleep(0.015)
         driver.wait(timeout=60)
         reader.join(timeout=10)
     finally:
@@ -426,6 +482,7 @@ def test_an_interrupted_driver_says_why_pods_wait_and_leaves_no_job_behind(
     assert driver.returncode == 130, "".join(output)[-3000:]
     assert jobs(api, namespace) == []
     assert "run the same command again" in output[-1]
+    assert "Traceback" not in "".join(output), "".join(output)[-3000:]
 
 
 def test_local_paths_and_cluster_problems_are_one_line_and_exit_2(
@@ -433,6 +490,7 @@ def test_local_paths_and_cluster_problems_are_one_line_and_exit_2(
 ):
     def last_line(config: Path, *overrides: str, output=f"gs://{bucket}/errors") -> str:
         command = driver_command(bucket, output, namespace, tmp_path / "sweep", "seed=1,2")
+        command.remove(f"hydra.sweep.dir={tmp_path / 'sweep'}")  # Hydra's multirun/DATE/TIME
         result = run_driver([*command, *overrides], config, emulator, cwd=tmp_path, timeout=120)
         assert result.returncode == 2, result.stderr[-3000:]
         return result.stderr.strip().splitlines()[-1]
@@ -448,7 +506,17 @@ def test_local_paths_and_cluster_problems_are_one_line_and_exit_2(
         kubeconfig.read_text().replace(api.configuration.host, "https://127.0.0.1:9")
     )
     assert "cannot reach the cluster at https://127.0.0.1:9" in last_line(unreachable)
+    missing_account = last_line(kubeconfig, "hydra.launcher.service_account=absent")
+    assert "hydra.launcher.service_account=absent: no such service account" in missing_account
+    # Jobs only: create refused, as for an account given the Role without its create verb
+    no_create = [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list"]}]
+    no_create.append({"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]})
+    viewer = kubeconfig_for(api, namespace, "viewer", tmp_path / "viewer", rules=no_create)
+    refused_create = last_line(viewer)
+    assert "cannot create Job" in refused_create and "403 Forbidden" in refused_create
     assert jobs(api, namespace) == []
+    # Refused before any Job: no sweep directory left behind (Hydra's multirun/DATE/TIME)
+    assert "multirun" not in os.listdir(tmp_path)
 
 
 def test_the_rendered_job_is_accepted_with_strict_field_validation(api, namespace):

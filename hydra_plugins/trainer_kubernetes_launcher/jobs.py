@@ -33,9 +33,12 @@ class IndexOutcome:
 
     succeeded: bool
     exit_code: int | None = None  # of its last pod; None when no pod ever ran
-    pod: str | None = None
-    reason: str = ""  # why it failed when no exit code tells (the Job's deadline)
-    seconds: float | None = None  # its last pod's run time
+    pod: str | None = None  # its last pod
+    # its last container's termination reason (OOMKilled, Error), or, when no pod ran, the
+    # Job's (the deadline)
+    reason: str = ""
+    seconds: float | None = None  # the run time of all its pods (a preempted one's too)
+    pods: int = 0
 
 
 def _say(error: Exception) -> str:
@@ -235,25 +238,27 @@ class Cluster:
         pods = self.core.list_namespaced_pod(
             self.namespace, label_selector=f"{JOB_NAME_KEY}={job.metadata.name}"
         ).items
-        last: dict[int, object] = {}
+        by_index: dict[int, list] = {}
         for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp):
             index = (pod.metadata.annotations or {}).get(INDEX_KEY)
             if index is not None:
-                last[int(index)] = pod
+                by_index.setdefault(int(index), []).append(pod)
         why = next(
             (f"{c.reason}: {c.message}" for c in job.status.conditions or [] if c.type == "Failed"),
             "",
         )
         results = {}
         for index in range(job.spec.completions):
-            pod = last.get(index)
-            code, seconds = _terminated(pod)
+            tries = by_index.get(index, [])
+            last = _terminated(tries[-1]) if tries else None
+            ran = [t.seconds for t in map(_terminated, tries) if t and t.seconds is not None]
             results[index] = IndexOutcome(
                 succeeded=index in completed,
-                exit_code=code,
-                pod=pod.metadata.name if pod is not None else None,
-                reason="" if code is not None else why,
-                seconds=seconds,
+                exit_code=last.exit_code if last else None,
+                pod=tries[-1].metadata.name if tries else None,
+                reason=last.reason if last else why,
+                seconds=sum(ran) if ran else None,
+                pods=len(tries),
             )
         return results
 
@@ -304,15 +309,24 @@ def _waiting_reasons(pod) -> list[str]:
     return reasons
 
 
-def _terminated(pod) -> tuple[int | None, float | None]:
-    """The exit code and run time of a pod's (only) container, if it terminated."""
+@dataclass
+class Terminated:
+    """A pod's (only) container as it ended."""
+
+    exit_code: int
+    reason: str  # the kubelet's: Completed, Error, OOMKilled, ...
+    seconds: float | None
+
+
+def _terminated(pod) -> Terminated | None:
+    """How a pod's (only) container ended, if it did."""
     if pod is None:
-        return None, None
+        return None
     for status in pod.status.container_statuses or []:
         done = status.state.terminated if status.state else None
         if done is not None:
             seconds = None
             if done.started_at and done.finished_at:
                 seconds = (done.finished_at - done.started_at).total_seconds()
-            return done.exit_code, seconds
-    return None, None
+            return Terminated(done.exit_code, done.reason or "", seconds)
+    return None

@@ -14,7 +14,9 @@ skips the points whose _SUCCESS exists. Ctrl-C or SIGTERM deletes the Jobs it cr
 
 import copy
 import logging
+import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -96,9 +98,14 @@ class KubernetesLauncher(Launcher):
         )
         self.cluster: Cluster | None = None
         self.created: list[str] = []  # Jobs this driver made; deleted if it is interrupted
+        self._recorded: dict[str, float] | None = None  # an earlier run's sweep.csv seconds
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+        # The sweeper makes the sweep directory next (multirun.yaml): note what is new, so an
+        # attempt refused before any Job leaves no multirun/DATE/TIME behind.
+        self.new_folders = _missing_folders(os.path.abspath(str(config.hydra.sweep.dir)))
+        self.any_job = False
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         """Run the batch as one Job; one JobReturn per point, in the sweeper's order."""
@@ -106,7 +113,8 @@ class KubernetesLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = _catch_stop_signals()
+        stopping = False
         try:
             points = [
                 self._point(initial_job_idx + i, list(overrides))
@@ -115,8 +123,12 @@ class KubernetesLauncher(Launcher):
             results = self._run(points, started=started)
         except (LauncherError, TrainerError) as error:
             self._delete_created()
+            if not self.any_job:
+                _remove_unused(self.new_folders)
             _exit(error.exit_code, f"trainer: error: {error}")
         except KeyboardInterrupt:
+            stopping = True
+            _ignore_stop_signals()  # _interrupt did already; a Ctrl-C of Python's own had not
             print("trainer: interrupted: deleting the sweep's Jobs", file=sys.stderr, flush=True)
             self._delete_created()
             _exit(
@@ -124,7 +136,9 @@ class KubernetesLauncher(Launcher):
                 "trainer: stopped; run the same command again to finish the sweep",
             )
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if not stopping:  # stopping: the signals stay ignored until the process is gone
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
         return [self._job_return(point, results[point.num]) for point in points]
 
     # -- before the Job ------------------------------------------------------------------------
@@ -174,6 +188,10 @@ class KubernetesLauncher(Launcher):
         results = {p.num: _finished_result(p.output_dir) for p in points}
         todo = [p for p in points if results[p.num] is None]
         for point in points:
+            if results[point.num] is not None:
+                done = results[point.num]
+                done.seconds = self._recorded_seconds(point, done.metrics)
+        for point in points:
             mark = "done, skipped" if results[point.num] else "submitting"
             log.info(
                 "\t#%d : %s (%s)", point.num, " ".join(filter_overrides(point.overrides)), mark
@@ -193,7 +211,14 @@ class KubernetesLauncher(Launcher):
             namespace=cluster.namespace,
             points=[p.pod_overrides for p in todo],
         )
-        self.created.append(cluster.create_job(manifest))
+        # Noted before the request: a Ctrl-C while it is on its way may leave the Job made.
+        self.created.append(name)
+        try:
+            cluster.create_job(manifest)
+        except LauncherError:
+            self.created.remove(name)  # refused: there is no Job to delete
+            raise
+        self.any_job = True
         submitted = time.monotonic()
         log.info(
             "Job %s (namespace %s): %d point(s), %d at a time, created %.1f s after the batch "
@@ -219,25 +244,41 @@ class KubernetesLauncher(Launcher):
                 result.seconds = outcome.seconds
                 return result
             return Result(
-                exit_code=ExitCode.CRASH, line=f"exit 0 but no _SUCCESS in {point.output_dir}"
+                exit_code=ExitCode.CRASH,
+                line=f"exit 0 but no _SUCCESS in {point.output_dir}",
+                seconds=outcome.seconds,
             )
         if outcome.exit_code is None:
             # e.g. the Job's deadline passed before the point's pod ran: a failure like a crash
             return Result(
-                exit_code=ExitCode.CRASH, line=f"no pod finished: {outcome.reason or 'unknown'}"
+                exit_code=ExitCode.CRASH,
+                line=f"no pod finished: {outcome.reason or 'unknown'}",
+                seconds=outcome.seconds,
             )
         tail = self.cluster.log_tail(outcome.pod, kube.CONTAINER)
         lines = [line for line in tail.splitlines() if line.strip()]
         log.warning(
-            "point %d failed: pod %s exited %d; its last %d log lines:\n%s",
-            point.num, outcome.pod, outcome.exit_code, len(lines), tail.rstrip(),
+            "point %d failed: pod %s ended %s, exit %d; its last %d log lines:\n%s",
+            point.num, outcome.pod, outcome.reason or "?", outcome.exit_code, len(lines),
+            tail.rstrip(),
         )  # fmt: skip
         return Result(
             exit_code=outcome.exit_code,
-            line=lines[-1] if lines else f"pod {outcome.pod} exited {outcome.exit_code}",
+            line=_failure_line(outcome, lines[-1] if lines else "", self.settings.memory),
             log_tail=tail,
             seconds=outcome.seconds,
         )
+
+    def _recorded_seconds(self, point: Point, metrics: dict) -> float | None:
+        """A point finished by an earlier run: the seconds that run's sweep.csv (at output.dir)
+        recorded for it, else the sum of its metrics.json timings."""
+        if self._recorded is None:
+            self._recorded = _summary_seconds(str(point.config.output.dir))
+        if point.output_dir in self._recorded:
+            return self._recorded[point.output_dir]
+        timings = metrics.get("timings") or {}
+        steps = [v for v in timings.values() if isinstance(v, int | float)]
+        return sum(steps) if steps else None
 
     def _delete_created(self) -> None:
         """Delete every Job this driver created (their pods go in the background)."""
@@ -339,6 +380,73 @@ def _finished_result(output_dir: str) -> Result | None:
     return Result(metrics=json.loads(text))
 
 
+def _missing_folders(path: str) -> list[str]:
+    """`path` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_unused(folders: list[str]) -> None:
+    """Remove `folders` (deepest first) while they hold nothing but Hydra's multirun.yaml."""
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        if set(names) - {"multirun.yaml"}:
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _failure_line(outcome: IndexOutcome, last_line: str, memory: str) -> str:
+    """A failed point's line: the trainer's own last line when it exited with an error of its
+    own; when the container was killed (OOMKilled, a signal: exit > 128), the kubelet's reason
+    and the exit code first, as the log cannot say it."""
+    code, reason = outcome.exit_code, outcome.reason
+    if reason in ("", "Error", "Completed") and code <= 128:
+        return last_line or f"pod {outcome.pod} exited {code}"
+    how = f"exit {code}"
+    if code > 128:
+        try:
+            how += f", {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    line = f"pod {outcome.pod} ended {reason or 'killed'} ({how})"
+    if reason == "OOMKilled":
+        line += f": over its memory limit, hydra.launcher.memory={memory}"
+    return f"{line}; its last log line: {last_line}" if last_line else line
+
+
+def _summary_seconds(root: str) -> dict[str, float]:
+    """output_dir -> wall_seconds, from an earlier run's sweep.csv at `root` ({} if none)."""
+    import csv
+    import io
+
+    from trainer import gcs
+
+    if not root.startswith("gs://"):
+        return {}
+    bucket, prefix = gcs.split_uri(root, "output.dir")
+    try:
+        with gcs.user_errors(root, "output.dir", gcs.READER_ROLE):
+            blob = gcs.client().bucket(bucket).blob(gcs.join(prefix, sweep.SUMMARY))
+            if not blob.exists(retry=gcs.retry()):
+                return {}
+            text = blob.download_as_text(retry=gcs.retry())
+    except TrainerError:
+        return {}
+    seconds = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        try:
+            seconds[row["output_dir"]] = float(row["wall_seconds"])
+        except (KeyError, ValueError):
+            pass
+    return seconds
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -350,8 +458,29 @@ def _escape(value: str) -> str:
     return escape_special_characters(value)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _catch_stop_signals() -> dict:
+    """While a batch runs, Ctrl-C and SIGTERM raise KeyboardInterrupt (the Jobs are deleted
+    first); SIGINT stays ignored where it was (a background job). The handlers it replaced."""
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, _interrupt)
+    return previous
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends the driver the way Ctrl-C does: Jobs deleted first
+    # The first signal stops the batch; later ones (a second Ctrl-C, SIGTERM to the process
+    # group after SIGINT) are ignored, so they cannot break the deletion of the Jobs.
+    _ignore_stop_signals()
+    raise KeyboardInterrupt
+
+
+def _ignore_stop_signals() -> None:
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _exit(code: int, line: str) -> None:

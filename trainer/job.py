@@ -71,7 +71,7 @@ def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
         from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
 
         SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
-        time_limit = TimeLimit(t.max_hours, clock.started, ctx.workers[0])  # exit 5
+        time_limit = TimeLimit(t.max_hours, started=clock.started, workers=ctx.workers[0])
         schedule = schedule_of(cfg, weights=weights)
         trained = train_phases(
             ctx, model=model, schedule=schedule, time_limit=time_limit, clock=clock
@@ -264,7 +264,9 @@ def evaluate_model(ctx: RunContext, *, model, test_features) -> dict:
     if test_features is not None:
         probabilities = predict_in_batches(model.get_layer("head"), test_features, ctx.batch)
     else:
-        probabilities = predict_files(model, ctx.test, ctx.image_size, ctx.batch, ctx.workers)
+        probabilities = predict_files(
+            model, ctx.test, image_size=ctx.image_size, batch_size=ctx.batch, workers=ctx.workers
+        )
     probabilities = np.asarray(probabilities)
     check_finite(probabilities, what="the model's predictions on the test set")
     return evaluate(probabilities, ctx.test.labels, len(ctx.classes))
@@ -349,7 +351,9 @@ def export(ctx: RunContext, *, model) -> None:
     """The SavedModel of the serving `model`."""
     from trainer.export import export_saved_model
 
-    export_saved_model(model, ctx.classes, ctx.image_size, ctx.run_dir.saved_model)
+    export_saved_model(
+        model, classes=ctx.classes, image_size=ctx.image_size, path=ctx.run_dir.saved_model
+    )
 
 
 def write_metrics(
@@ -362,7 +366,7 @@ def write_metrics(
     metrics["timings"] = for_metrics(clock.timings, cache_outcome=trained.cache_outcome)
     metrics["wall_seconds"] = round(time.perf_counter() - clock.started, 3)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
+    write_run_files(ctx.run_dir.root, classes=ctx.classes, metrics=metrics, config_yaml=config_yaml)
 
 
 def publish(ctx: RunContext) -> None:

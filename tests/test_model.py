@@ -120,7 +120,7 @@ def test_fine_tuning_trains_the_top_convs_and_leaves_batchnorm_in_inference_mode
     nested ResNet50, so its BatchNorm layers must stay non-trainable to keep normalizing with
     (and keeping) their moving statistics, as Keras' transfer-learning guide does."""
     from trainer.model import unfreeze_from
-    from trainer.train import fit
+    from trainer.train import Phase, Training, fit
 
     keras.utils.set_random_seed(0)
     model = build_model(num_classes=2, image_size=SIZE, weights=None, dropout=0.0, fold=False)
@@ -138,12 +138,8 @@ def test_fine_tuning_trains_the_top_convs_and_leaves_batchnorm_in_inference_mode
         model,
         tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(8),
         None,
-        learning_rate=1e-3,
-        epochs=2,
-        initial_epoch=0,
-        total_epochs=2,
-        log_dir=str(tmp_path / "logs"),
-        phase="fine-tune",
+        phase=Phase("fine-tune", learning_rate=1e-3, epochs=2),
+        training=Training(total_epochs=2, log_dir=str(tmp_path / "logs")),
     )
 
     assert not np.allclose(conv.kernel.numpy(), conv_before), "conv5 was not fine-tuned"

@@ -9,21 +9,17 @@ choices, the failure bounds and the exit codes: docs/distributed.md.
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
-import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from trainer import LostPeer, TrainerError
-from trainer.cluster import ENV_JOB_NAME, ENV_SERVICE, ENV_WORKERS, Cluster, from_environment, parse
+from trainer.cluster import ENV_JOB_NAME, ENV_SERVICE, ENV_WORKERS, Cluster, from_environment
 
 log = logging.getLogger(__name__)
 
-# Measured: mixed_bfloat16 runs the backbone 1.45x faster than float32 on CPUs with native bf16
-# instructions (docs/distributed.md); without them oneDNN emulates bf16, slower than float32.
-BF16_CPU_SPEEDUP = 1.45
 # The Keras releases whose private trainer functions `_patch_keras_for_multi_worker` replaces were
 # read and tested (keras-team/keras#20585).
 KERAS_PATCH_VERIFIED = ((3, 12), (3, 15))
@@ -53,12 +49,20 @@ def simulate_cpu_devices(count: int) -> None:
 
 
 def choose_strategy(
-    strategy: str, simulate_devices: int | None, timeout_seconds: int = 600
+    strategy: str,
+    simulate_devices: int | None,
+    timeout_seconds: int = 600,
+    *,
+    cluster: Cluster | None = None,
 ) -> tf.distribute.Strategy:
     """`default` (one device), `mirrored` (all local GPUs, or the simulated CPUs), `multi_worker`
-    (TF_CONFIG or the Indexed Job environment), or `auto`. Call before any other TensorFlow op:
-    both the simulated devices and the multi-worker runtime must be set up before TF starts."""
-    cluster = from_environment()
+    (TF_CONFIG or the Indexed Job environment), or `auto`, for the `cluster` this process is
+    in (default: parsed from the environment). A one-machine strategy in a cluster of several
+    is refused, so the strategy always trains in `cluster`. Call before any other TensorFlow
+    op: both the simulated devices and the multi-worker runtime must be set up before TF
+    starts."""
+    if cluster is None:
+        cluster = from_environment()
     if simulate_devices:
         simulate_cpu_devices(simulate_devices)
     if strategy == "auto" and cluster.workers > 1:
@@ -207,24 +211,19 @@ def _check_keras_for_patch(version: str, tf_trainer) -> None:
         )
 
 
-def _cluster_of(strategy: tf.distribute.Strategy) -> Cluster:
-    """The cluster a multi-worker `strategy` trains in (TF_CONFIG, exported by choose_strategy);
-    a one-machine Cluster for any other strategy."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return Cluster()
-    return parse(json.loads(os.environ.get("TF_CONFIG") or "{}"))
+def any_worker(strategy: tf.distribute.Strategy, flags) -> np.ndarray:
+    """Element by element, whether any worker set the flag (`flags`: booleans): an all-reduce,
+    so every worker must call this with as many flags. The one place the workers agree."""
+    flags = np.asarray(flags, dtype=np.float32)
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(flags)), axis=None
+    )
+    return np.asarray(total) > 0
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """True on the one worker that writes output.dir (always, outside multi-worker training)."""
-    return _cluster_of(strategy).chief
-
-
-def worker_shard(strategy: tf.distribute.Strategy) -> tuple[int, int]:
-    """(number of workers, this worker's index): how the input files are split between machines.
-    (1, 0) outside multi-worker training."""
-    cluster = _cluster_of(strategy)
-    return cluster.workers, cluster.index
+def every_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """Whether `flag` holds on every worker (an all-reduce: every worker must call this)."""
+    return not any_worker(strategy, [not flag])[0]
 
 
 def device_kinds(strategy: tf.distribute.Strategy) -> list[str]:
@@ -275,8 +274,9 @@ def _name(value) -> str:
 def choose_precision(precision) -> str:
     """Set Keras' global dtype policy from `train.precision` and return its name. `auto`:
     mixed_float16 on GPUs of compute capability >= 7.0 (tensor cores), float32 on older GPUs, and
-    on CPUs whatever measured faster (BF16_CPU_SPEEDUP). The model's output layer stays float32
-    in every policy (trainer/model.py)."""
+    on CPUs mixed_bfloat16 only with native bf16 instructions, where it measured faster
+    (docs/performance.md; without them oneDNN emulates bf16, slower than float32). The model's
+    output layer stays float32 in every policy (trainer/model.py)."""
     import keras
 
     policy = _name(precision)
@@ -288,9 +288,8 @@ def choose_precision(precision) -> str:
             capability = details.get("compute_capability", (0, 0))
             policy = "mixed_float16" if capability >= (7, 0) else "float32"
             why = f"auto: GPU compute capability {capability[0]}.{capability[1]}"
-        elif _cpu_has_native_bf16() and BF16_CPU_SPEEDUP > 1.0:
-            policy = "mixed_bfloat16"
-            why = f"auto: CPU with native bf16, measured {BF16_CPU_SPEEDUP:.2f}x faster"
+        elif _cpu_has_native_bf16():
+            policy, why = "mixed_bfloat16", "auto: CPU with native bf16"
         else:
             policy, why = "float32", "auto: CPU"
     keras.mixed_precision.set_dtype_policy(policy)

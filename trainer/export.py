@@ -64,10 +64,10 @@ def _quiet_save_logs():
 class _Serving(tf.__internal__.tracking.AutoTrackable):
     """What the SavedModel holds: the model's variables and the two signatures.
 
-    keras.export.ExportArchive took ~18 s for the 160 px model: it traced ResNet50 once per
-    signature and again inside the save, walked the whole Keras layer tree looking for lookup
-    tables, and saved each variable through a Keras wrapper. Here the model is traced once,
-    by `serving_pixels`, which `serving_default` calls after decoding, and only the plain
+    Not keras.export.ExportArchive: it traces ResNet50 once per signature and again inside the
+    save, walks the whole Keras layer tree looking for lookup tables, and saves each variable
+    through a Keras wrapper (what that cost: docs/performance.md). Here the model is traced
+    once, by `serving_pixels`, which `serving_default` calls after decoding, and only the plain
     tf.Variables are tracked.
     """
 

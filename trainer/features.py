@@ -21,29 +21,36 @@ from trainer.model import FEATURES
 log = logging.getLogger(__name__)
 
 
+def spills(rows: int, *, spill_above_mb: int) -> bool:
+    """Whether `rows` pooled feature vectors go to a memory-mapped file in the run's spill
+    folder rather than memory (train.feature_cache_max_mb: `spill_above_mb`)."""
+    return rows * FEATURES * 4 > spill_above_mb * 2**20
+
+
 def extract_features(
     extractor,
     split: Split,
     image_size: int,
     batch_size: int,
-    max_mb: int,
+    spill_above_mb: int,
     spill_dir: str,
     name: str,
     workers: tuple[int, int] = (1, 0),
 ) -> np.ndarray:
-    """Pooled features for every image of `split`, in order: in memory up to `max_mb`, else a
-    memory-mapped .npy file in `spill_dir` (filled chunk by chunk, so memory stays bounded).
-    `workers` (count, index): in multi-worker training each worker decodes and runs its own
-    share of the files, and every worker gets all the features."""
+    """Pooled features for every image of `split`, in order: in memory up to `spill_above_mb`,
+    else a memory-mapped .npy file in `spill_dir` (filled chunk by chunk, so memory stays
+    bounded). `workers` (count, index): in multi-worker training each worker decodes and runs
+    its own share of the files, and every worker gets all the features."""
     n = len(split)
     start = time.perf_counter()
-    if n * FEATURES * 4 <= max_mb * 2**20:
+    if not spills(n, spill_above_mb=spill_above_mb):
         features = predict_files(extractor, split, image_size, batch_size, workers)
     else:
         os.makedirs(spill_dir, exist_ok=True)
         path = os.path.join(spill_dir, f"{name}_features.npy")
         features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, FEATURES))
-        chunk = max(batch_size, (max_mb * 2**20 // (FEATURES * 4)) // batch_size * batch_size)
+        per_chunk = spill_above_mb * 2**20 // (FEATURES * 4)
+        chunk = max(batch_size, per_chunk // batch_size * batch_size)
         for lo in range(0, n, chunk):
             part = split.subset(np.arange(lo, min(n, lo + chunk)))
             features[lo : lo + len(part)] = predict_files(
@@ -54,7 +61,7 @@ def extract_features(
             "features of the %s set spilled to %s (over train.feature_cache_max_mb=%d)",
             name,
             path,
-            max_mb,
+            spill_above_mb,
         )
     seconds = time.perf_counter() - start
     log.info(

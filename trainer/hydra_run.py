@@ -41,7 +41,8 @@ def _run_dir(default: str, *, _root_: DictConfig) -> str:
         if out.startswith("gs://"):
             from trainer.output import Output
 
-            out = Output(out, False, str(_root_.storage.cache_dir), 0).local_dir
+            cache_dir = str(_root_.storage.cache_dir)
+            out = Output(out, overwrite=False, cache_dir=cache_dir, sync_seconds=0).local_dir
         if os.path.isdir(out) or not os.path.exists(out):  # a file there: the job says so
             run_dir = out
     path = os.path.abspath(run_dir)

@@ -9,16 +9,16 @@ the scan's findings are kept there, keyed by the files' contents: a run over the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from trainer import feature_cache
 from trainer.data import Folder, Split, load_splits, owner, stage_image_folder
+from trainer.feature_cache import ScanEntry, scan_findings
 from trainer.gcs import stage_file
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,11 @@ def split_data(*, train_dir: Folder, test_dir: Folder | None, validation_split: 
 def listing_digests(*folders: Folder | None) -> dict[str, str]:
     """{local path: digest} of the images staged from gs://, from their listing (size and
     CRC32C): the feature cache's key without reading the files, staged here or not."""
-    from trainer.feature_cache import listing_digests as digests
-
     return {
         path: digest
         for folder in folders
         if folder is not None
-        for path, digest in digests(folder.objects, folder.root).items()
+        for path, digest in feature_cache.listing_digests(folder.objects, folder.root).items()
     }
 
 
@@ -96,12 +94,16 @@ FOUND_ELSEWHERE = "undecodable; found by another worker"
 class Findings:
     """What the bad-image scan found: {path: reason} of the files that do not decode; whether
     that came from storage.feature_cache (then it covers every listed file), else this worker
-    scanned its own share; the entry's key (None: no cache); {path: digest} of every file."""
+    scanned its own share; the listing's entry in the feature cache."""
 
     bad: dict[str, str]
-    cached: bool = False
-    key: str | None = None
-    digests: dict[str, str] = field(default_factory=dict)
+    cached: bool
+    entry: ScanEntry
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """{path: digest} of every listed file (empty without a feature cache)."""
+        return self.entry.digests
 
 
 def start_scan(
@@ -116,13 +118,12 @@ def start_scan(
     files = [path for split in splits for path in split.files]
 
     def scan() -> Findings:
-        key, known = None, {}
-        if cache_uri:
-            key, known = _scan_key(files, digests)
-            found = _cached_findings(cache_uri, key, files)
-            if found is not None:
-                return Findings(found, True, key, known)
-        return Findings(_scan_share(files, share), False, key, known)
+        import tensorflow as tf  # the decoder: its version is in the findings' key
+
+        entry = scan_findings(cache_uri, files, known=digests, decoder=tf.__version__)
+        if entry.found is not None:
+            return Findings(entry.found, cached=True, entry=entry)
+        return Findings(_scan_share(files, share), cached=False, entry=entry)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bad-image-scan")
     try:
@@ -136,96 +137,58 @@ def _scan_share(files: list[str], share: tuple[int, int]) -> dict[str, str]:
 
     workers, index = share
     mine = [path for path in files if owner(path, workers) == index]
-    # The first images decoded: scripts/benchmark.py's start-up ends at this line.
     log.info("scanning %d images for undecodable files", len(mine))
     return dict(find_bad_images(mine)) if mine else {}
 
 
-def _scan_key(files: list[str], digests: dict) -> tuple[str, dict[str, str]]:
-    """(The findings' key, {path: digest}): whether a file decodes depends on its bytes and on
-    the decoder, TensorFlow's."""
-    import tensorflow as tf
-
-    from trainer.feature_cache import VERSION, file_digests
-
-    known = dict(zip(files, file_digests(files, known=digests), strict=True))
-    payload = {"version": VERSION, "decoder": tf.__version__, "files": list(known.values())}
-    digest = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-    return f"scan-{len(files)}-{digest[:40]}", known
-
-
-def _cached_findings(cache_uri: str, key: str, files: list[str]) -> dict[str, str] | None:
-    """{path: reason} from the entry of `key`, or None (no entry, or one that does not parse)."""
-    from trainer.feature_cache import cache_errors, load_text
-
-    with cache_errors(cache_uri):
-        text = load_text(cache_uri, f"{key}.json")
-    try:
-        found = {files[i]: reason for i, reason in json.loads(text)["bad"]} if text else None
-    except (ValueError, KeyError, IndexError, TypeError):
-        found = None  # unreadable: scanned again, and stored again
-    if found is not None:
-        log.info(
-            "bad-image scan skipped: %d of these %d images are undecodable, as %s/%s.json"
-            " says (storage.feature_cache)",
-            len(found),
-            len(files),
-            cache_uri,
-            key,
-        )
-    return found
-
-
 def agreed_findings(
-    findings: Findings, *, splits: tuple[Split, ...], strategy, share: tuple[int, int]
+    findings: Findings, *, splits: tuple[Split, ...], strategy, workers: int, share: tuple[int, int]
 ) -> Findings:
-    """One worker: `findings`. Several: the cached findings only if every worker found them
-    (an all-reduce: every worker calls this); else each scans its share of `splits`, a worker
-    that had found them too, and `drop_undecodable` merges the shares."""
-    from trainer.distribute import worker_shard
-    from trainer.phases import any_worker
+    """One worker: `findings`. Several (`workers`): the cached findings only if every worker
+    found them (an all-reduce: every worker calls this); else each scans its share of `splits`,
+    a worker that had found them too, and `drop_undecodable` merges the shares."""
+    from trainer.distribute import every_worker
 
-    if worker_shard(strategy)[0] == 1:
+    if workers == 1:
         return findings
-    missed = np.asarray([0.0 if findings.cached else 1.0], dtype=np.float32)
-    if not any_worker(strategy, missed)[0] or not findings.cached:
+    if every_worker(strategy, findings.cached) or not findings.cached:
         return findings  # every worker found them, or this one scanned
     files = [path for split in splits for path in split.files]
-    return Findings(_scan_share(files, share), False, findings.key, findings.digests)
+    return Findings(_scan_share(files, share), cached=False, entry=findings.entry)
 
 
-def remember_findings(findings: Findings, *, listed, kept, cache_uri: str | None) -> None:
-    """Store what a scan found (the files every worker agreed are bad, `listed` minus `kept`)
-    in storage.feature_cache: the chief calls this once the splits are settled."""
-    from trainer.feature_cache import cache_errors, store_text
-
-    if cache_uri is None or findings.cached or findings.key is None:
+def remember_findings(findings: Findings, *, kept: tuple[Split, ...]) -> None:
+    """Keep in storage.feature_cache which of the listed files every worker agreed are bad
+    (those not `kept`), each with its reason: the chief calls this once the splits are settled."""
+    if findings.cached:
         return
-    files = [path for split in listed for path in split.files]
     good = {path for split in kept for path in split.files}
-    bad = [
-        [i, findings.bad.get(path, FOUND_ELSEWHERE)]
-        for i, path in enumerate(files)
-        if path not in good
-    ]
-    with cache_errors(cache_uri):
-        store_text(cache_uri, f"{findings.key}.json", json.dumps({"bad": bad}))
+    listed = findings.entry.files
+    bad = {path: findings.bad.get(path, FOUND_ELSEWHERE) for path in listed if path not in good}
+    findings.entry.remember(bad)
 
 
 def drop_undecodable(
-    split: Split, *, name: str, fail: bool, strategy, share, found: dict[str, str]
-) -> Split:
-    """drop_bad_images with what the scan `found` ({path: reason}); with a staged `share`, each
-    worker scanned the images it owns and the workers agree on the bad ones (an all-reduce),
-    so every worker keeps the same files."""
+    splits: tuple[Split, Split], *, found: dict[str, str], fail: bool, strategy, share
+) -> tuple[Split, Split]:
+    """The training and test `splits` without the files the scan `found` ({path: reason}) do
+    not decode (`fail`: refuse them instead, data.on_bad_image=fail); with a staged `share`,
+    each worker scanned the images it owns and the workers agree on the bad ones (an
+    all-reduce), so every worker keeps the same files."""
+    return tuple(
+        _drop(split, name=name, found=found, fail=fail, strategy=strategy, share=share)
+        for name, split in zip(("training", "test"), splits, strict=True)
+    )
+
+
+def _drop(split: Split, *, name: str, found: dict[str, str], fail: bool, strategy, share) -> Split:
     from trainer.data import drop_bad_images
-    from trainer.phases import any_worker
+    from trainer.distribute import any_worker
 
     if share[0] == 1:
         bad = [(path, found[path]) for path in split.files if path in found]
         return drop_bad_images(split, name, fail, bad=bad)
-    flags = np.asarray([path in found for path in split.files], dtype=np.float32)
-    agreed = any_worker(strategy, flags)
+    agreed = any_worker(strategy, [path in found for path in split.files])
     bad = [
         (split.files[i], found.get(split.files[i], FOUND_ELSEWHERE)) for i in np.flatnonzero(agreed)
     ]

@@ -1,22 +1,25 @@
 """`run(cfg) -> dict`: the whole job, top to bottom. Tests call this; `__main__` adds Hydra.
 
-stage inputs -> validate and split (trainer/inputs.py) -> choose strategy -> build model ->
-train phases (head on cached features | head on images; optional fine-tune; trainer/phases.py)
--> evaluate -> report (TensorBoard, metrics) -> export -> publish (_SUCCESS last)
+stage inputs -> validate and split (trainer/inputs.py) -> choose strategy -> build model (the
+bad-image scan beside it) -> undecodable images left out -> train phases (head on cached
+features | head on images; optional fine-tune; trainer/phases.py) -> evaluate -> report
+(TensorBoard) -> export -> metrics.json -> publish (_SUCCESS last)
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import BelowMinAccuracy, rundir
 from trainer.config import validate
+from trainer.context import RunContext, Runtime, Settled, context_of, schedule_of
 from trainer.data import Split, owner
 from trainer.inputs import (
     Findings,
@@ -30,7 +33,7 @@ from trainer.inputs import (
     start_scan,
 )
 from trainer.output import Output
-from trainer.phases import RunContext, Schedule, train_phases
+from trainer.phases import Trained, train_phases
 from trainer.timings import Stopwatch, for_metrics
 
 log = logging.getLogger(__name__)
@@ -40,57 +43,66 @@ def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
     """Train and export as `cfg` says; return the metrics written to metrics.json."""
     clock = Stopwatch(startup_s=startup_s)  # each step's seconds, for metrics.json's timings
     validate(cfg)
-    d, t, s, dist = cfg.data, cfg.train, cfg.storage, cfg.distribute
-    output = Output(str(cfg.output.dir), cfg.output.overwrite, s.cache_dir, s.sync_seconds)
+    d, t = cfg.data, cfg.train
+    output = output_of(cfg)
     output.check()  # read-only here: only the chief may clear anything, and it is not known yet
     share = staging_share(augment=d.augment, finetune_epochs=t.finetune_epochs)
-    (train_dir, test_dir, weights), (classes, train, test) = inputs(cfg, share=share)
+    (train_dir, test_dir, weights), (classes, *listed) = inputs(cfg, share=share)
     clock.lap("inputs_s")
     # TensorFlow is imported only now: config and folder errors above answer in a second.
-    strategy = start_runtime(
-        strategy=dist.strategy.value,
-        simulate_devices=dist.simulate_devices,
-        timeout_seconds=dist.timeout_seconds,
-        seed=cfg.seed,
-        precision=t.precision,
-    )
-    from trainer.distribute import is_chief
-
-    chief = is_chief(strategy)
-    if chief:
-        output.prepare()
-    # Only the chief writes output.dir; other workers write to a private folder, removed on
-    # every way out (Keras' callbacks and the export need somewhere to write on every worker).
-    scratch = None if chief else rundir.worker_scratch()
-    try:
-        # The scan decodes in tf.data's threads while this thread builds the model.
+    runtime = start_runtime(cfg.distribute, seed=cfg.seed, precision=t.precision)
+    with working_dir(output, chief=runtime.cluster.chief) as run_dir:
         digests = listing_digests(train_dir, test_dir)
         clock.lap("runtime_s")
-        scan = start_scan((train, test), share=share, cache_uri=s.feature_cache, digests=digests)
-        model = build(strategy=strategy, cfg=cfg, classes=len(classes), weights=weights)
+        # The scan decodes in tf.data's threads while this thread builds the model.
+        scan = start_scan(listed, share=share, cache_uri=cfg.storage.feature_cache, digests=digests)
+        model = build(strategy=runtime.strategy, cfg=cfg, classes=len(classes), weights=weights)
         clock.lap("build_s")
-        ctx = make_context(
-            output=output,
-            work_dir=scratch or output.local_dir,
-            chief=chief,
-            strategy=strategy,
-            classes=classes,
-            splits=(train, test),
-            findings=scan.result(),
-            data=d,
-            feature_cache=s.feature_cache,
-            jit_compile=t.jit_compile,
-            seed=cfg.seed,
-            share=share,
-            digests=digests,
-            serving_dtype=cfg.output.serving_dtype.value,
+        fetch_chief_backup(output, run_dir=run_dir, chief=runtime.cluster.chief)
+        images = settle_images(
+            scan.result(), classes=classes, listed=listed, runtime=runtime, cfg=cfg, share=share
+        )
+        ctx = context_of(
+            cfg, output=output, run_dir=run_dir, runtime=runtime, images=images, share=share
         )
         clock.lap("bad_images_s")
-        return train_and_export(ctx, model=model, cfg=cfg, weights=weights, clock=clock)
-    finally:
-        output.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        write_sample_batch(ctx, augment=d.augment)
+        clock.lap("sample_batch_s")
+        from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
+
+        SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
+        time_limit = TimeLimit(t.max_hours, started=clock.started, workers=ctx.workers[0])
+        schedule = schedule_of(cfg, weights=weights)
+        trained = train_phases(
+            ctx, model=model, schedule=schedule, time_limit=time_limit, clock=clock
+        )
+        clock.restart()  # the phases timed themselves
+        serving = build_serving(ctx, model=model)
+        try:
+            result = evaluate_model(ctx, model=serving, test_features=trained.test_features)
+        finally:  # the evaluation is the spilled features' last reader
+            remove_feature_spill(ctx)
+        clock.lap("evaluate_s")
+        metrics = report(ctx, result=result, cfg=cfg, trained=trained, time_limit=time_limit)
+        try:  # metrics.json is written once, whichever way the run ends from here
+            stop_before_export(ctx, metrics=metrics, time_limit=time_limit, cfg=cfg)
+            clock.lap("report_s")
+            export(ctx, model=serving)
+            clock.lap("export_s")
+        finally:
+            write_metrics(ctx, metrics=metrics, cfg=cfg, clock=clock, trained=trained)
+        publish(ctx)
+        return metrics
+
+
+def output_of(cfg: DictConfig) -> Output:
+    """The run's output lifecycle, as output.* and storage.* ask for it."""
+    return Output(
+        str(cfg.output.dir),
+        overwrite=cfg.output.overwrite,
+        cache_dir=cfg.storage.cache_dir,
+        sync_seconds=cfg.storage.sync_seconds,
+    )
 
 
 def inputs(cfg: DictConfig, *, share: tuple[int, int]) -> tuple[tuple, tuple]:
@@ -113,121 +125,80 @@ def inputs(cfg: DictConfig, *, share: tuple[int, int]) -> tuple[tuple, tuple]:
     return staged, split
 
 
-def train_and_export(ctx: RunContext, *, model, cfg: DictConfig, weights, clock: Stopwatch) -> dict:
-    """Train the model's phases, evaluate, report, export, publish; the metrics."""
-    t, started = cfg.train, clock.started
-    ctx.timings = clock.timings  # the phases add theirs
-    write_sample_batch(ctx, augment=cfg.data.augment)
-    clock.lap("sample_batch_s")
-    schedule = schedule_of(cfg, weights=weights)
-    from trainer import tensorboard
-    from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
-
-    SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
-    time_limit = TimeLimit(t.max_hours, started, ctx.workers[0])  # train.max_hours: exit 5
-    trained = train_phases(
-        ctx, model=model, augment=cfg.data.augment, schedule=schedule, time_limit=time_limit
-    )
-    clock.restart()  # the phases timed themselves
-    serving = build_serving(ctx, model=model)
-    result = evaluate_model(ctx, model=serving, test_features=trained.test_features)
-    clock.lap("evaluate_s")
-    metrics = report(
-        ctx,
-        result=result,
-        epochs=schedule.total_epochs,
-        fast_path=trained.fast_path,
-        hparams=tensorboard.hparams_of(cfg),
-    )
-    metrics["stopped_at_time_limit"] = time_limit.reached
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    write_metrics(ctx, metrics=metrics, config_yaml=config_yaml, started=started)
-    clock.lap("report_s")  # in metrics.json from the export's rewrite on
-    time_limit.check(f"{ctx.output.uri}/{rundir.METRICS}")
-    SIGTERM.check()  # before the export: the backup stays, and the retry exports
-    check_min_accuracy(ctx, metrics=metrics, min_accuracy=t.min_accuracy)
-    export(ctx, model=serving, metrics=metrics, config_yaml=config_yaml, started=started)
-    publish(ctx)
-    return metrics
-
-
-def start_runtime(
-    *, strategy: str, simulate_devices, timeout_seconds: int, seed: int, precision: str
-):
-    """SIGTERM handling, then the tf.distribute strategy, the seed and the precision policy."""
+def start_runtime(distribute: DictConfig, *, seed: int, precision) -> Runtime:
+    """SIGTERM handling, then the tf.distribute strategy (distribute.*) for the cluster this
+    process is in, the seed and the precision policy."""
     import keras
 
+    from trainer.cluster import from_environment
     from trainer.distribute import choose_precision, choose_strategy
     from trainer.train import SIGTERM
 
+    cluster = from_environment()
     # The strategy first: simulated devices and the multi-worker runtime must be set up before
     # TensorFlow runs anything (seeding included).
-    chosen = choose_strategy(strategy, simulate_devices, timeout_seconds)
+    strategy = choose_strategy(
+        distribute.strategy.value,
+        distribute.simulate_devices,
+        distribute.timeout_seconds,
+        cluster=cluster,
+    )
     # Until now SIGTERM's default action ends the process; from here on it ends training at a
     # step boundary with a backup written (see trainer/train.py). After the strategy: the
     # multi-worker runtime installs a SIGTERM handler of its own that would replace ours.
     SIGTERM.install()
     keras.utils.set_random_seed(seed)
     choose_precision(precision)
-    return chosen
+    # choose_strategy refuses a one-machine strategy in a cluster of several: the strategy
+    # trains in `cluster`.
+    return Runtime(strategy, cluster)
 
 
-def make_context(
-    *,
-    output: Output,
-    work_dir: str,
-    chief: bool,
-    strategy,
-    classes,
-    splits,
-    data,
-    jit_compile,
-    seed: int,
-    share: tuple[int, int],
-    findings: Findings,
-    feature_cache: str | None,
-    digests: dict[str, str],
-    serving_dtype: str,
-) -> RunContext:
-    """Leave out (or refuse) the undecodable images of the scan's `findings` (the chief keeps
-    them in storage.feature_cache), size the batch, and gather what the phases share; a worker
-    other than the chief resumes from the chief's backup, if there is one."""
-    from trainer.distribute import choose_jit_compile, worker_shard
-
-    run_dir = rundir.RunDir(work_dir)
-    if not chief and output.fetch_backup(run_dir.root):  # resume where the chief resumes
-        log.info("worker resumes from the backup in %s", output.uri)
-    findings = agreed_findings(findings, splits=splits, strategy=strategy, share=share)
-    drop = functools.partial(
-        drop_undecodable,
-        fail=data.on_bad_image.value == "fail",
-        strategy=strategy,
-        share=share,
-        found=findings.bad,
-    )
-    train, test = drop(splits[0], name="training"), drop(splits[1], name="test")
+@contextlib.contextmanager
+def working_dir(output: Output, *, chief: bool) -> Iterator[rundir.RunDir]:
+    """Where this worker writes. Only the chief writes output.dir (prepared here: an earlier
+    run's outputs cleared or its backup fetched); other workers write to a private folder,
+    as Keras' callbacks and the export need somewhere to write on every worker. On every way
+    out the output's sync stops and the private folder is removed."""
     if chief:
-        remember_findings(findings, listed=splits, kept=(train, test), cache_uri=feature_cache)
-    replicas = strategy.num_replicas_in_sync
-    batch = data.batch_size * replicas
-    log.info("batch size: %d per replica x %d replica(s) = %d", data.batch_size, replicas, batch)
-    return RunContext(
-        output=output,
-        run_dir=run_dir,
-        chief=chief,
-        strategy=strategy,
-        classes=classes,
-        train=train,
-        test=test,
-        image_size=data.image_size,
-        batch=batch,
-        workers=worker_shard(strategy),
-        jit_compile=choose_jit_compile(jit_compile, strategy),
-        seed=seed,
-        digests={**digests, **findings.digests},
-        sharded_staging=share[0] > 1,
-        serving_dtype=serving_dtype,
+        output.prepare()
+    scratch = None if chief else rundir.worker_scratch()
+    try:
+        yield rundir.RunDir(scratch or output.local_dir)
+    finally:
+        output.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fetch_chief_backup(output: Output, *, run_dir: rundir.RunDir, chief: bool) -> None:
+    """A worker other than the chief resumes where the chief resumes: from the backup in
+    output.dir, if there is one (the chief reads it there itself)."""
+    if not chief and output.fetch_backup(run_dir.root):
+        log.info("worker resumes from the backup in %s", output.uri)
+
+
+def settle_images(
+    findings: Findings,
+    *,
+    classes: list[str],
+    listed: tuple[Split, Split],
+    runtime: Runtime,
+    cfg: DictConfig,
+    share: tuple[int, int],
+) -> Settled:
+    """The `listed` training and test files without the undecodable images: the scan's
+    `findings` agreed between the workers, data.on_bad_image applied, and the findings kept in
+    storage.feature_cache by the chief."""
+    strategy, cluster = runtime
+    findings = agreed_findings(
+        findings, splits=listed, strategy=strategy, workers=cluster.workers, share=share
     )
+    fail = cfg.data.on_bad_image.value == "fail"
+    kept = drop_undecodable(listed, found=findings.bad, fail=fail, strategy=strategy, share=share)
+    if cluster.chief:
+        remember_findings(findings, kept=kept)
+    return Settled(classes, *kept, digests=findings.digests)
 
 
 def build(*, strategy, cfg: DictConfig, classes: int, weights):
@@ -241,7 +212,12 @@ def build(*, strategy, cfg: DictConfig, classes: int, weights):
         # Frozen for the whole run: the folded backbone (trainer/fold.py); fine-tuning trains
         # Keras' own layers.
         model = build_model(
-            classes, cfg.data.image_size, weights, cfg.model.dropout, cfg.seed, fold=not finetune
+            num_classes=classes,
+            image_size=cfg.data.image_size,
+            weights=weights,
+            dropout=cfg.model.dropout,
+            seed=cfg.seed,
+            fold=not finetune,
         )
     if finetune:
         finetune_start(model, cfg.train.finetune_from)  # a bad name fails now, not after phase 1
@@ -267,24 +243,6 @@ def write_sample_batch(ctx: RunContext, *, augment: bool) -> None:
     tensorboard.write_sample_batch(ctx.run_dir.tensorboard, pixels, sample.labels, ctx.classes)
 
 
-def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
-    """The training phases as train.*, data.augment and storage.feature_cache ask for them;
-    `weights`: model.weights as staged (part of the feature cache's key)."""
-    t = cfg.train
-    return Schedule(
-        epochs=t.epochs,
-        learning_rate=t.learning_rate,
-        finetune_epochs=t.finetune_epochs,
-        finetune_from=t.finetune_from,
-        finetune_learning_rate=t.finetune_learning_rate,
-        backup_every_steps=t.backup_every_steps,
-        feature_cache_max_mb=t.feature_cache_max_mb,
-        cache_features=not cfg.data.augment,  # augmentation changes the features every epoch
-        feature_cache=cfg.storage.feature_cache,
-        weights=weights,
-    )
-
-
 def build_serving(ctx: RunContext, *, model):
     """The model the export holds and the test set judges: the trained head on the backbone
     folded in output.serving_dtype (trainer/model.py)."""
@@ -306,16 +264,23 @@ def evaluate_model(ctx: RunContext, *, model, test_features) -> dict:
     if test_features is not None:
         probabilities = predict_in_batches(model.get_layer("head"), test_features, ctx.batch)
     else:
-        probabilities = predict_files(model, ctx.test, ctx.image_size, ctx.batch, ctx.workers)
-    shutil.rmtree(ctx.run_dir.feature_cache, ignore_errors=True)
+        probabilities = predict_files(
+            model, ctx.test, image_size=ctx.image_size, batch_size=ctx.batch, workers=ctx.workers
+        )
     probabilities = np.asarray(probabilities)
     check_finite(probabilities, what="the model's predictions on the test set")
     return evaluate(probabilities, ctx.test.labels, len(ctx.classes))
 
 
-def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hparams: dict) -> dict:
+def remove_feature_spill(ctx: RunContext) -> None:
+    """The run's spill folder goes once the test features, memory-mapped from it when they
+    were over the in-memory limit, had their last reader (the evaluation)."""
+    shutil.rmtree(ctx.run_dir.feature_spill, ignore_errors=True)
+
+
+def report(ctx: RunContext, *, result: dict, cfg: DictConfig, trained: Trained, time_limit) -> dict:
     """The TensorBoard test report (confusion matrix, misclassified images, HParams) and the
-    metrics dict that metrics.json holds."""
+    metrics dict that metrics.json holds (its timings are added when it is written)."""
     from trainer import tensorboard
     from trainer.distribute import runtime
 
@@ -327,19 +292,21 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
             dtype=np.int64,
         )
     wrong = wrong[:16]
-    log_dir = ctx.run_dir.tensorboard
+    epochs = cfg.train.epochs + cfg.train.finetune_epochs
     tensorboard.write_test_report(
-        log_dir,
-        epochs,
-        ctx.classes,
-        result["confusion_matrix"],
-        _pixels(ctx.test.subset(wrong), ctx.image_size),
-        ctx.test.labels[wrong],
-        predicted[wrong],
+        ctx.run_dir.tensorboard,
+        step=epochs,
+        classes=ctx.classes,
+        confusion=result["confusion_matrix"],
+        wrong_images=_pixels(ctx.test.subset(wrong), ctx.image_size),
+        wrong_true=ctx.test.labels[wrong],
+        wrong_predicted=predicted[wrong],
     )
-    metrics = {
-        "test_accuracy": result["test_accuracy"],
-        "test_loss": result["test_loss"],
+    scores = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"]}
+    tensorboard.write_hparams(ctx.run_dir.tensorboard, tensorboard.hparams_of(cfg), scores)
+    log.info("test accuracy %.4f, test loss %.4f", scores["test_accuracy"], scores["test_loss"])
+    return {
+        **scores,
         "epochs": epochs,
         "classes": ctx.classes,
         "num_train": len(ctx.train),
@@ -348,12 +315,9 @@ def report(ctx: RunContext, *, result: dict, epochs: int, fast_path: bool, hpara
         **runtime(ctx.strategy),  # strategy, replicas, devices, precision
         "jit_compile": ctx.jit_compile,
         "serving_dtype": ctx.serving_dtype,
-        "fast_path": fast_path,
-        "timings": for_metrics(ctx.timings, feature_cache=ctx.feature_cache),
+        "fast_path": trained.fast_path,
+        "stopped_at_time_limit": time_limit.reached,
     }
-    scores = {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]}
-    tensorboard.write_hparams(log_dir, hparams, scores)
-    return metrics
 
 
 def _pixels(split: Split, image_size: int):
@@ -363,18 +327,15 @@ def _pixels(split: Split, image_size: int):
     return decode_files(split.files, image_size) if len(split) else []
 
 
-def write_metrics(ctx: RunContext, *, metrics: dict, config_yaml: str, started: float) -> None:
-    """labels.txt, metrics.json and config.yaml, written before the export so a run below
-    train.min_accuracy still leaves its numbers."""
-    from trainer.export import write_run_files
+def stop_before_export(ctx: RunContext, *, metrics: dict, time_limit, cfg: DictConfig) -> None:
+    """Raise what ends a run that must not export: train.max_hours reached (exit 5), a SIGTERM
+    (exit 143: the backup stays, and the retry exports), or a test accuracy below
+    train.min_accuracy (exit 3: the backup goes, as the run is finished)."""
+    from trainer.train import SIGTERM
 
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
-    log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
-
-
-def check_min_accuracy(ctx: RunContext, *, metrics: dict, min_accuracy: float | None) -> None:
-    """BelowMinAccuracy (exit 3, no export) when the run missed train.min_accuracy."""
+    time_limit.check(f"{ctx.output.uri}/{rundir.METRICS}")
+    SIGTERM.check()
+    min_accuracy = cfg.train.min_accuracy
     if min_accuracy is None or metrics["test_accuracy"] >= min_accuracy:
         return
     if ctx.chief:
@@ -386,16 +347,26 @@ def check_min_accuracy(ctx: RunContext, *, metrics: dict, min_accuracy: float | 
     )
 
 
-def export(ctx: RunContext, *, model, metrics: dict, config_yaml: str, started: float) -> None:
-    """The SavedModel, then metrics.json again with the export's time in it."""
-    from trainer.export import export_saved_model, write_run_files
+def export(ctx: RunContext, *, model) -> None:
+    """The SavedModel of the serving `model`."""
+    from trainer.export import export_saved_model
 
-    export_started = time.perf_counter()
-    export_saved_model(model, ctx.classes, ctx.image_size, ctx.run_dir.saved_model)
-    ctx.timings["export_s"] = time.perf_counter() - export_started
-    metrics["timings"] = for_metrics(ctx.timings, feature_cache=ctx.feature_cache)
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_run_files(ctx.run_dir.root, ctx.classes, metrics, config_yaml)
+    export_saved_model(
+        model, classes=ctx.classes, image_size=ctx.image_size, path=ctx.run_dir.saved_model
+    )
+
+
+def write_metrics(
+    ctx: RunContext, *, metrics: dict, cfg: DictConfig, clock: Stopwatch, trained: Trained
+) -> None:
+    """labels.txt, metrics.json (`metrics` with the steps' timings and the wall seconds so far,
+    added to it) and config.yaml: a run below train.min_accuracy leaves its numbers too."""
+    from trainer.export import write_run_files
+
+    metrics["timings"] = for_metrics(clock.timings, cache_outcome=trained.cache_outcome)
+    metrics["wall_seconds"] = round(time.perf_counter() - clock.started, 3)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    write_run_files(ctx.run_dir.root, classes=ctx.classes, metrics=metrics, config_yaml=config_yaml)
 
 
 def publish(ctx: RunContext) -> None:

@@ -14,63 +14,17 @@ import dataclasses
 import functools
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from trainer import feature_cache
+from trainer.context import RunContext, Schedule
 from trainer.data import Split
-from trainer.output import Output
-from trainer.rundir import RunDir
+from trainer.timings import Stopwatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunContext:
-    """What several phases share: where the run writes, how it is distributed, its data."""
-
-    output: Output
-    run_dir: RunDir  # output.dir's working folder on the chief, a private scratch folder else
-    chief: bool
-    strategy: Any  # a tf.distribute.Strategy
-    classes: list[str]
-    train: Split
-    test: Split
-    image_size: int
-    batch: int  # the global batch: data.batch_size x replicas
-    workers: tuple[int, int]  # (count, index): each worker decodes its own share of files
-    jit_compile: bool | str
-    seed: int
-    serving_dtype: str = "float32"  # output.serving_dtype: what the export and the test compute in
-    timings: dict[str, float] = field(default_factory=dict)
-    feature_cache: str = "off"  # hit | miss | off: whether the backbone pass was skipped
-    # {local path: digest} of files staged from gs:// (their listing's size and CRC32C): the
-    # feature cache's key without reading the files again; other files are hashed.
-    digests: dict[str, str] = field(default_factory=dict)
-    # Each worker staged only the images it owns (trainer.data.owner): it must decode no other.
-    sharded_staging: bool = False
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The phases train.* asks for."""
-
-    epochs: int
-    learning_rate: float
-    finetune_epochs: int
-    finetune_from: str
-    finetune_learning_rate: float
-    backup_every_steps: int
-    feature_cache_max_mb: int
-    cache_features: bool  # data.augment=false: the head may train on cached features
-    feature_cache: str | None  # storage.feature_cache: features shared across runs; None: off
-    weights: str | None  # model.weights as staged (a local path, imagenet or None): in the key
-
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs + self.finetune_epochs
 
 
 @dataclass(frozen=True)
@@ -88,6 +42,7 @@ class Trained:
 
     fast_path: bool  # the head was trained on cached features in this run
     test_features: np.ndarray | None  # still the backbone's output for the test set, or None
+    cache_outcome: str = "off"  # hit | miss | off: whether storage.feature_cache had them all
 
 
 def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
@@ -117,64 +72,69 @@ def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
 
 
 def train_phases(
-    ctx: RunContext, *, model, augment: bool, schedule: Schedule, time_limit
+    ctx: RunContext, *, model, schedule: Schedule, time_limit, clock: Stopwatch
 ) -> Trained:
     """Phase 1 (resumed from its saved end, on cached features, or on images), then the
     optional fine-tuning (skipped once `time_limit`, train.max_hours, is reached); returns
-    what the evaluation may reuse. The image pipelines (`augment`: data.augment) are built
-    only for a phase that trains on images."""
+    what the evaluation may reuse. The image pipelines are built only for a phase that trains
+    on images. Each phase records its seconds on `clock`."""
     import keras
 
-    from trainer.train import fit
+    from trainer.train import Training, fit
 
     sync = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ctx.output.sync())
-    # What every phase shares; each call adds its data, rate, epochs and backup folder.
-    fit_phase = functools.partial(
-        fit,
+    training = Training(
         total_epochs=schedule.total_epochs,
         log_dir=ctx.run_dir.tensorboard,
-        extra_callbacks=[sync, time_limit],
         backup_every_steps=schedule.backup_every_steps,
+        callbacks=(sync, time_limit),
         jit_compile=ctx.jit_compile,
     )
+    fit_phase = functools.partial(fit, training=training)
 
     @functools.cache  # built on first use: both phases share them
     def pipelines() -> Images:
-        return image_pipelines(ctx, augment=augment)
+        return image_pipelines(ctx, augment=schedule.augment)
 
-    def fit_images(**phase):
+    def fit_images(phase):
         """The full model on the image pipelines: the head phase with augmentation, fine-tuning."""
         images = pipelines()
         return fit_phase(
-            model, images.train, images.test, steps_per_epoch=images.steps_per_epoch, **phase
+            model, images.train, images.test, phase=phase, steps_per_epoch=images.steps_per_epoch
         )
 
+    phases = {"model": model, "schedule": schedule, "clock": clock}
     phase1_done = ctx.run_dir.phase1_done
     if schedule.finetune_epochs and os.path.exists(phase1_done):
         model.load_weights(phase1_done)
         log.info("phase 1 finished before a restart: resuming from %s", phase1_done)
         trained = Trained(fast_path=False, test_features=None)
-    elif schedule.cache_features:
-        trained = _head_on_features(ctx, model=model, fit_phase=fit_phase, schedule=schedule)
+    elif not schedule.augment:
+        trained = _head_on_features(ctx, fit_phase=fit_phase, **phases)
     else:
-        _head_on_images(ctx, model=model, fit_images=fit_images, schedule=schedule)
+        _head_on_images(ctx, fit_images=fit_images, **phases)
         trained = Trained(fast_path=False, test_features=None)
     if not schedule.finetune_epochs or time_limit.reached:
         return trained
-    _finetune(ctx, model=model, fit_images=fit_images, schedule=schedule)
+    _finetune(ctx, fit_images=fit_images, **phases)
     # The backbone changed: cached features no longer match, the evaluation runs on images.
     return dataclasses.replace(trained, test_features=None)
 
 
-def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) -> Trained:
+def _head_on_features(
+    ctx: RunContext, *, model, fit_phase, schedule: Schedule, clock: Stopwatch
+) -> Trained:
     from trainer.features import feature_dataset
     from trainer.model import set_feature_statistics
+    from trainer.train import Phase
 
     log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
-    features = _backbone_features(ctx, model=model, schedule=schedule)
+    clock.restart()
+    features, outcome = _backbone_features(ctx, model=model, schedule=schedule)
+    clock.lap("backbone_pass_s")
     # The head standardizes features with the training set's statistics (trainer/model.py).
     set_feature_statistics(model, features["train"])
-    started = time.perf_counter()
+    clock.restart()
     fit_phase(
         model.get_layer("head"),
         feature_dataset(
@@ -186,35 +146,36 @@ def _head_on_features(ctx: RunContext, *, model, fit_phase, schedule: Schedule) 
             epochs=schedule.epochs,
         ),
         feature_dataset(features["test"], ctx.test.labels, ctx.batch),
-        learning_rate=schedule.learning_rate,
-        epochs=schedule.epochs,
-        initial_epoch=0,
+        phase=Phase(
+            "head on cached features",
+            learning_rate=schedule.learning_rate,
+            epochs=schedule.epochs,
+            backup_dir=ctx.run_dir.head_backup,
+        ),
         steps_per_epoch=-(-len(ctx.train) // ctx.batch),
-        phase="head on cached features",
-        backup_dir=ctx.run_dir.head_backup,
     )
-    ctx.timings["head_s"] = time.perf_counter() - started
-    return Trained(fast_path=True, test_features=features["test"])
+    clock.lap("head_s")
+    return Trained(fast_path=True, test_features=features["test"], cache_outcome=outcome)
 
 
-def _backbone_features(ctx: RunContext, *, model, schedule: Schedule) -> dict[str, np.ndarray]:
-    """{"train": ..., "test": ...}: each split's pooled features, from storage.feature_cache or
-    one backbone pass; records whether the cache had them all and the seconds it took. The test
-    set's come from the backbone as the export serves it (output.serving_dtype), so the test
+def _backbone_features(
+    ctx: RunContext, *, model, schedule: Schedule
+) -> tuple[dict[str, np.ndarray], str]:
+    """({"train": ..., "test": ...}: each split's pooled features, from storage.feature_cache
+    or one backbone pass; hit | miss | off: whether the cache had them all). The test set's
+    come from the backbone as the export serves it (output.serving_dtype), so the test
     accuracy is the exported model's; the training set's from the backbone in training."""
-    from trainer.features import extract_features
+    from trainer.features import extract_features, spills
     from trainer.model import feature_extractor, serving_model
 
-    started = time.perf_counter()
     models = {"train": model, "test": None}  # the serving model is built on first use only
+    extractors = {}  # built on a miss only: a run whose features are all cached needs none
 
     def source(name: str):
         if models[name] is None:
             with ctx.strategy.scope():
                 models[name] = serving_model(model, ctx.serving_dtype)
         return models[name]
-
-    extractors = {}  # built on a miss only: a run whose features are all cached needs none
 
     def backbone_pass(name: str, split: Split) -> np.ndarray:
         if name not in extractors:
@@ -224,32 +185,59 @@ def _backbone_features(ctx: RunContext, *, model, schedule: Schedule) -> dict[st
         features = extract_features(
             extractors[name],
             split,
-            ctx.image_size,
-            ctx.batch,
-            schedule.feature_cache_max_mb,
-            ctx.run_dir.feature_cache,
-            name,
-            ctx.workers,
+            image_size=ctx.image_size,
+            batch_size=ctx.batch,
+            spill_above_mb=schedule.spill_above_mb,
+            spill_dir=ctx.run_dir.feature_spill,
+            name=name,
+            workers=ctx.workers,
         )
         check_finite(features, what=f"the backbone's features of the {name} set")
         return features
 
-    key_of = _key_of(ctx, schedule=schedule) if schedule.feature_cache else None
+    splits = {"train": ctx.train, "test": ctx.test}
+    if not schedule.cache_uri:
+        return {name: backbone_pass(name, split) for name, split in splits.items()}, "off"
+    cache, backbones = _feature_cache(ctx, model=model, schedule=schedule)
     features, hits = {}, []
-    for name, split in (("train", ctx.train), ("test", ctx.test)):
-        features[name], hit = _cached_features(
-            ctx,
+    for name, split in splits.items():
+        features[name], hit = feature_cache.split_features(
+            cache,
             name=name,
-            split=split,
-            schedule=schedule,
-            key=key_of(split, model if name == "train" else None) if key_of else None,
-            compute=backbone_pass,
+            files=split.files,
+            backbone=backbones[name],
+            compute=functools.partial(backbone_pass, name, split),
+            mmap=spills(len(split), spill_above_mb=schedule.spill_above_mb),
         )
         hits.append(hit)
-    if schedule.feature_cache:
-        ctx.feature_cache = "hit" if all(hits) else "miss"
-    ctx.timings["backbone_pass_s"] = time.perf_counter() - started
-    return features
+    return features, "hit" if all(hits) else "miss"
+
+
+def _feature_cache(ctx: RunContext, *, model, schedule: Schedule):
+    """(This run's use of storage.feature_cache, {split: what computes its features}): the
+    training set's come from `model`'s backbone, the test set's from the serving model's. The
+    weights' digest is computed once: it reads the whole weights file."""
+    from trainer.distribute import every_worker
+    from trainer.model import SERVING_KIND, backbone_kind
+
+    backbone = functools.partial(
+        feature_cache.Backbone,
+        weights=feature_cache.weights_digest(schedule.weights, seed=ctx.seed),
+        image_size=ctx.image_size,
+    )
+    cache = feature_cache.RunCache(
+        uri=schedule.cache_uri,
+        spill_dir=ctx.run_dir.feature_spill,
+        known=ctx.digests,
+        every_worker=functools.partial(every_worker, ctx.strategy) if ctx.workers[0] > 1 else None,
+        chief=ctx.chief,
+    )
+    return cache, {
+        "train": backbone(
+            precision=model.get_layer("backbone").compute_dtype, kind=backbone_kind(model)
+        ),
+        "test": backbone(precision=ctx.serving_dtype, kind=SERVING_KIND),
+    }
 
 
 def check_finite(values: np.ndarray, *, what: str, chunk: int = 4096) -> None:
@@ -265,94 +253,15 @@ def check_finite(values: np.ndarray, *, what: str, chunk: int = 4096) -> None:
         raise Diverged(f"{what}: {bad} non-finite value(s) (NaN or inf); nothing exported")
 
 
-def _key_of(ctx: RunContext, *, schedule: Schedule):
-    """(split, the model computing its features, or None for the serving model) -> its
-    feature cache key. What the splits share is computed once: the weights' digest reads the
-    whole weights file."""
-    from trainer import feature_cache
-    from trainer.model import SERVING_KIND, backbone_kind
-
-    weights = feature_cache.weights_digest(schedule.weights, seed=ctx.seed)
-
-    def key(split: Split, model) -> str:
-        return feature_cache.feature_key(
-            files=feature_cache.file_digests(split.files, known=ctx.digests),
-            weights=weights,
-            image_size=ctx.image_size,
-            precision=model.get_layer("backbone").compute_dtype if model else ctx.serving_dtype,
-            backbone=backbone_kind(model) if model else SERVING_KIND,
-        )
-
-    return key
-
-
-def _cached_features(
-    ctx: RunContext, *, name: str, split: Split, schedule: Schedule, key: str | None, compute
-):
-    """(features of `split`, whether storage.feature_cache had them). One worker: the cache's
-    claim-or-wait protocol. Several: the backbone pass is a collective, so all workers agree
-    on hit or miss first (a hit only if every worker found the entry), and the chief stores
-    what they computed together."""
-    from trainer import feature_cache
-    from trainer.model import FEATURES
-
-    if not schedule.feature_cache:
-        return compute(name, split), False
-    uri = schedule.feature_cache
-    load = {
-        "rows": len(split),
-        "local_dir": ctx.run_dir.feature_cache,
-        "mmap": len(split) * FEATURES * 4 > schedule.feature_cache_max_mb * 2**20,
-    }
-    if ctx.workers[0] == 1:
-        features, hit = feature_cache.cached_features(
-            uri, key, lambda: compute(name, split), **load
-        )
-    else:
-        with feature_cache.cache_errors(uri):
-            found = feature_cache.lookup(uri, key, **load)
-        hit = _on_every_worker(ctx.strategy, found is not None)
-        features = found if hit else compute(name, split)
-        if not hit and ctx.chief:
-            with feature_cache.cache_errors(uri):
-                feature_cache.store(uri, key, features)
-    if hit:
-        log.info(
-            "features of the %s set from the feature cache: %d x %d, %s/%s.npy"
-            " (backbone pass skipped)",
-            name,
-            len(split),
-            FEATURES,
-            uri,
-            key,
-        )
-    elif ctx.chief:
-        log.info("feature cache: the %s set's features stored as %s/%s.npy", name, uri, key)
-    return features, hit
-
-
-def _on_every_worker(strategy, flag: bool) -> bool:
-    """Whether `flag` holds on every worker (an all-reduce: every worker must call this)."""
-    return not any_worker(strategy, np.asarray([0.0 if flag else 1.0], dtype=np.float32))[0]
-
-
-def any_worker(strategy, flags: np.ndarray) -> np.ndarray:
-    """Element by element, whether any worker set the flag (float32 0/1): an all-reduce, so
-    every worker must call this with flags of the same shape."""
-    import tensorflow as tf
-
-    total = strategy.reduce(
-        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(flags)), axis=None
-    )
-    return np.asarray(total) > 0
-
-
-def _head_on_images(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None:
+def _head_on_images(
+    ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: Stopwatch
+) -> None:
     from trainer.features import sample_features
     from trainer.model import set_feature_statistics
+    from trainer.train import Phase
 
     log.info("full forward each step (data.augment=true)")
-    started = time.perf_counter()
+    clock.restart()
     # The head's standardization statistics, from one un-augmented pass over a sample.
     sample = sample_features(
         model,
@@ -366,24 +275,26 @@ def _head_on_images(ctx: RunContext, *, model, fit_images, schedule: Schedule) -
     set_feature_statistics(model, sample)
     log.info("feature statistics from %d un-augmented training images", len(sample))
     fit_images(
-        learning_rate=schedule.learning_rate,
-        epochs=schedule.epochs,
-        initial_epoch=0,
-        phase="head",
-        backup_dir=ctx.run_dir.head_backup,
+        Phase(
+            "head",
+            learning_rate=schedule.learning_rate,
+            epochs=schedule.epochs,
+            backup_dir=ctx.run_dir.head_backup,
+        )
     )
-    ctx.timings["head_s"] = time.perf_counter() - started
+    clock.lap("head_s")
 
 
-def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None:
+def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: Stopwatch) -> None:
     from trainer.model import unfreeze_from
+    from trainer.train import Phase
 
     phase1_done = ctx.run_dir.phase1_done
     if not os.path.exists(phase1_done):
         os.makedirs(ctx.run_dir.backup, exist_ok=True)
         model.save_weights(phase1_done)
         ctx.output.sync()
-    started = time.perf_counter()
+    clock.restart()
     with ctx.strategy.scope():
         unfrozen = unfreeze_from(model, schedule.finetune_from)
     log.info(
@@ -393,10 +304,12 @@ def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule) -> None
         schedule.finetune_learning_rate,
     )
     fit_images(
-        learning_rate=schedule.finetune_learning_rate,
-        epochs=schedule.finetune_epochs,
-        initial_epoch=schedule.epochs,
-        phase="fine-tune",
-        backup_dir=ctx.run_dir.finetune_backup,
+        Phase(
+            "fine-tune",
+            learning_rate=schedule.finetune_learning_rate,
+            epochs=schedule.finetune_epochs,
+            initial_epoch=schedule.epochs,
+            backup_dir=ctx.run_dir.finetune_backup,
+        )
     )
-    ctx.timings["finetune_s"] = time.perf_counter() - started
+    clock.lap("finetune_s")

@@ -12,13 +12,14 @@ goes to a temporary file, and every line but those is written back afterwards.
 When installed, IPython, scikit-learn and SciPy are imported along with Keras and TensorFlow (for
 Keras' notebook check, Keras' scikit-learn wrappers and tf.keras v1's sparse-input check), each
 inside a try/except ImportError, and none is used by the trainer. scikit-learn and SciPy come with
-`pip install -e ".[dev]"`: they made every start ~0.5 s slower there, ~1 s with IPython too. While
-TensorFlow loads they are hidden (`OPTIONAL_IMPORTS`); afterwards they import as usual.
+`pip install -e ".[dev]"`, and they slowed every start there (measured: docs/performance.md,
+"TensorFlow loads without IPython, scikit-learn and SciPy"). While TensorFlow loads they are
+hidden (`OPTIONAL_IMPORTS`); afterwards they import as usual.
 
 Importing TensorFlow and Keras creates objects by the hundred thousand, all kept until the process
-ends, and Python's collector walked them again and again while they were created (four
-generation-1 passes, ~0.1 s of the ~1.2 s import). The collector is paused while they load, and
-what they created is then frozen out of later collections.
+ends, and Python's collector walked them again and again while they were created (measured:
+docs/performance.md, "No garbage collection while TensorFlow and Keras load"). The collector is
+paused while they load, and what they created is then frozen out of later collections.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
       tensorboard/        event files, synced while training runs
       backup/             an unfinished run's state (head/, finetune/, phase1_done.weights.h5);
                           removed once the run is finished
-      .feature_cache/     cached backbone features spilled to disk; removed after evaluation
+      .feature_cache/     the run's feature spill: backbone features over the in-memory limit
+                          (train.feature_cache_max_mb), memory-mapped; removed after evaluation
       _SUCCESS            written last: a reader that sees it sees a complete run
 
 Names starting with "." and files ending in ".partial" are scratch: never published. Every
@@ -27,7 +28,7 @@ METRICS = "metrics.json"
 CONFIG = "config.yaml"
 TENSORBOARD = "tensorboard"
 BACKUP = "backup"
-FEATURE_CACHE = ".feature_cache"
+FEATURE_SPILL = ".feature_cache"  # its name on disk is older than storage.feature_cache
 PARTIAL = ".partial"  # suffix of a file being written, renamed into place when complete
 OLD = ".old"  # suffix of the previous model while a new one is moved into place
 
@@ -83,8 +84,9 @@ class RunDir:
         return self.path(SAVED_MODEL)
 
     @property
-    def feature_cache(self) -> str:
-        return self.path(FEATURE_CACHE)
+    def feature_spill(self) -> str:
+        """Where this run's features over the in-memory limit are memory-mapped."""
+        return self.path(FEATURE_SPILL)
 
     @property
     def backup(self) -> str:

@@ -22,7 +22,7 @@ STEPS = {
     "head_s": "training the head",
     "finetune_s": "fine-tuning",
     "evaluate_s": "the serving model built and evaluated on the test set",
-    "report_s": "TensorBoard's test report and HParams, metrics.json's first write",
+    "report_s": "TensorBoard's test report and HParams",
     "export_s": "the SavedModel export",
 }
 
@@ -46,10 +46,11 @@ class Stopwatch:
         self.last = time.perf_counter()
 
 
-def for_metrics(timings: dict[str, float], *, feature_cache: str) -> dict:
-    """metrics.json's `timings`: each step's seconds, rounded to the millisecond, and whether
-    the backbone pass came from the feature cache (hit | miss | off)."""
-    return {**{k: round(v, 3) for k, v in timings.items()}, "feature_cache": feature_cache}
+def for_metrics(timings: dict[str, float], *, cache_outcome: str) -> dict:
+    """metrics.json's `timings`: each step's seconds, rounded to the millisecond, and under
+    `feature_cache` whether the backbone pass came from storage.feature_cache (`cache_outcome`:
+    hit | miss | off)."""
+    return {**{k: round(v, 3) for k, v in timings.items()}, "feature_cache": cache_outcome}
 
 
 def process_seconds() -> float | None:

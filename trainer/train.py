@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -184,12 +185,9 @@ class TimeLimit(keras.callbacks.Callback):
         return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def _agreed(self) -> bool:
-        import tensorflow as tf
+        from trainer.distribute import any_worker
 
-        strategy = self.model.distribute_strategy
-        passed = tf.constant(1.0 if self._passed() else 0.0)
-        values = strategy.experimental_distribute_values_from_function(lambda _: passed)
-        return float(strategy.reduce("SUM", values, axis=None)) > 0  # any worker
+        return bool(any_worker(self.model.distribute_strategy, [self._passed()])[0])
 
     def _stop(self) -> None:
         if not self.reached:
@@ -206,52 +204,69 @@ class TimeLimit(keras.callbacks.Callback):
             )
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One call of `fit`: its `name` in the log, its learning rate, its `epochs` after
+    `initial_epoch`, and where its backups go (None: no backups, no resume)."""
+
+    name: str
+    learning_rate: float
+    epochs: int
+    initial_epoch: int = 0
+    backup_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Training:
+    """What every phase of a run shares: its epochs in all (for the log), the TensorBoard
+    folder, how often backups are written (`backup_every_steps`, 0: at each epoch's end), the
+    run's own callbacks, and XLA (`jit_compile`)."""
+
+    total_epochs: int
+    log_dir: str
+    backup_every_steps: int = 0
+    callbacks: tuple = ()
+    jit_compile: bool | str = "auto"
+
+
 def fit(
     model: keras.Model,
     train_data,
     test_data,
     *,
-    learning_rate: float,
-    epochs: int,
-    initial_epoch: int,
-    total_epochs: int,
-    log_dir: str,
-    phase: str,
-    backup_dir: str | None = None,
-    backup_every_steps: int = 0,
-    extra_callbacks: list | None = None,
-    jit_compile: bool | str = "auto",
+    phase: Phase,
+    training: Training,
     steps_per_epoch: int | None = None,
 ) -> keras.callbacks.History:
-    """(Re)compile `model` with Adam at `learning_rate`, train `epochs` more epochs, evaluating on
-    `test_data` after each. Recompiling is what makes changed `trainable` flags take effect.
-    With `backup_dir`, the state is backed up every `backup_every_steps` (0: every epoch) and a
-    run that finds a backup there resumes from it."""
+    """(Re)compile `model` with Adam at the phase's learning rate, train its epochs, evaluating
+    on `test_data` after each. Recompiling is what makes changed `trainable` flags take effect.
+    With a backup folder, the state is backed up every `training.backup_every_steps` (0: every
+    epoch) and a run that finds a backup there resumes from it."""
     # Inside the model's strategy scope, so the optimizer's variables are distributed like the
     # model's (MirroredStrategy, MultiWorkerMirroredStrategy).
     with model.distribute_strategy.scope():
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
+            optimizer=keras.optimizers.Adam(phase.learning_rate),
             loss=keras.losses.SparseCategoricalCrossentropy(),
             metrics=["accuracy"],
-            jit_compile=jit_compile,
+            jit_compile=training.jit_compile,
         )
-    tensorboard = keras.callbacks.TensorBoard(log_dir, write_graph=False)
+    tensorboard = keras.callbacks.TensorBoard(training.log_dir, write_graph=False)
     callbacks = [
         tensorboard,
-        EpochLog(total_epochs, phase),
-        StopOnNonFiniteLoss(phase),
-        *(extra_callbacks or []),
+        EpochLog(training.total_epochs, phase.name),
+        StopOnNonFiniteLoss(phase.name),
+        *training.callbacks,
     ]
-    if backup_dir is not None:
-        backup = Backup(backup_dir, backup_every_steps, phase)
+    if phase.backup_dir is not None:
+        backup = Backup(phase.backup_dir, training.backup_every_steps, phase.name)
         callbacks += [backup, StopOnSigterm(backup, tensorboard)]
     with SIGTERM.during_fit():
         return model.fit(
             train_data,
             validation_data=test_data,
-            initial_epoch=initial_epoch,
-            epochs=initial_epoch + epochs,
+            initial_epoch=phase.initial_epoch,
+            epochs=phase.initial_epoch + phase.epochs,
             steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
             shuffle=False,  # the datasets shuffle themselves, every epoch

@@ -29,7 +29,7 @@ PHASES = (
     ("head_s", "head training"),
     ("finetune_s", "fine-tuning"),
     ("evaluate_s", "evaluation on the test set"),
-    ("report_s", "TensorBoard report, metrics.json"),
+    ("report_s", "TensorBoard report"),
     ("export_s", "export SavedModel"),
 )
 # Process start to the bad-image scan's first decode: the trainer's fixed start-up cost.

@@ -201,14 +201,26 @@ def test_a_test_accuracy_equal_to_train_min_accuracy_passes_the_gate(tmp_path):
     train.min_accuracy=1.0 (or 3 of 4 right at 0.75) is not refused."""
     from types import SimpleNamespace
 
+    from omegaconf import OmegaConf
+
     from trainer import BelowMinAccuracy
-    from trainer.job import check_min_accuracy
+    from trainer.job import stop_before_export
     from trainer.output import Output
 
     ctx = SimpleNamespace(
         chief=True, output=Output(str(tmp_path / "out"), False, str(tmp_path / "cache"), 0)
     )
+    no_time_limit = SimpleNamespace(check=lambda metrics_path: None)
+
+    def gate(accuracy: float, min_accuracy: float) -> None:
+        stop_before_export(
+            ctx,
+            metrics={"test_accuracy": accuracy},
+            time_limit=no_time_limit,
+            cfg=OmegaConf.create({"train": {"min_accuracy": min_accuracy}}),
+        )
+
     for accuracy in (1.0, 0.75):
-        check_min_accuracy(ctx, metrics={"test_accuracy": accuracy}, min_accuracy=accuracy)
+        gate(accuracy, min_accuracy=accuracy)
     with pytest.raises(BelowMinAccuracy, match="is below train.min_accuracy=0.75"):
-        check_min_accuracy(ctx, metrics={"test_accuracy": 0.7499}, min_accuracy=0.75)
+        gate(0.7499, min_accuracy=0.75)

@@ -375,7 +375,9 @@ def test_a_rerun_skips_finished_points_and_resubmits_the_rest(grid, emulator, tm
     ]
     # A skipped point keeps the seconds its run took, not 0
     assert [r["wall_seconds"] for r in rows[:3]] == [r["wall_seconds"] for r in before[:3]]
-    assert all(float(r["wall_seconds"]) > 0 for r in rows)
+    # Every point that trained has its seconds. Point 3 (a config error) is left out: Kubernetes
+    # records startedAt/finishedAt in whole seconds, so a pod that fails within one shows 0.
+    assert all(float(rows[point]["wall_seconds"]) > 0 for point in (0, 1, 2, 4))
 
 
 # -- Optuna --------------------------------------------------------------------------------------

@@ -12,18 +12,24 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_dir, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from tests.support.processes import REPO
 from trainer.config import enum_overrides, register_configs
 
 
-def compose_config(*overrides: str) -> DictConfig:
+def compose_config(*overrides: str, module: bool = False) -> DictConfig:
     """conf/config.yaml with `overrides` as the command line gives them (Hydra's override
-    grammar, train.jit_compile's true/false quoted as `python -m trainer` quotes them)."""
+    grammar, train.jit_compile's true/false quoted as `python -m trainer` quotes them);
+    `module=True`: the copy an installed wheel carries (the package trainer.conf)."""
     register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    init = (
+        initialize_config_module("trainer.conf", version_base="1.3")
+        if module
+        else initialize_config_dir(str(REPO / "conf"), version_base="1.3")
+    )
+    with init:
         return compose("config", overrides=enum_overrides(list(overrides)))
 
 

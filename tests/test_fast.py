@@ -151,6 +151,7 @@ START_CHECK = """
 import sys
 from hydra import compose, initialize_config_dir
 from trainer import TrainerError
+from trainer.config import register_configs
 from trainer.job import run
 
 register_configs()

@@ -19,7 +19,7 @@ from scripts.gcs_emulator import Emulator, FaultProxy
 @pytest.fixture(scope="session")
 def emulator():
     """One emulator for the session; STORAGE_EMULATOR_HOST points at it while it runs."""
-    server = Emulator().start()
+    server = _started()
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = server.url
     yield server
@@ -30,6 +30,21 @@ def emulator():
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:
         os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+def _started(attempts: int = 3) -> Emulator:
+    """An emulator on a free port. Another program on the machine (another clone's tests) may
+    take the port between our choosing it and the server binding it: then a fresh port."""
+    for attempt in range(attempts):
+        server = Emulator()
+        try:
+            return server.start()
+        except RuntimeError:
+            shutil.rmtree(server.root, ignore_errors=True)
+            Path(f"{server.root}.log").unlink(missing_ok=True)
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture

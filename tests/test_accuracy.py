@@ -7,13 +7,14 @@ package), written as PNG files in class folders and upscaled, as a user's folder
 
 from __future__ import annotations
 
-import json
+import logging
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_trainer
+from tests.conftest import configure
+from trainer.job import run
 from trainer.synthetic import make_dataset
 
 DIGITS = 5  # classes 0-4: ~900 images
@@ -68,23 +69,21 @@ def digits(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(("epochs", "tolerance"), [(5, 0.02), (None, 0.01)], ids=["5", "default"])
 def test_digits_head_comes_within_reach_of_a_converged_logistic_regression(
-    digits, tmp_path, epochs, tolerance
+    digits, cfg, composed_config, epochs, tolerance
 ):
     """Trainer on real digit images vs LogisticRegression on the same standardized features:
     within 0.02 after 5 epochs, within 0.01 at the default epochs (being better is fine)."""
-    out = tmp_path / "out"
-    result = run_trainer(
+    configure(
+        cfg,
         f"data.train_dir={digits['root'] / 'train'}",
         f"data.test_dir={digits['root'] / 'test'}",
         f"data.image_size={SIZE}",
+        f"data.batch_size={composed_config.data.batch_size}",  # the default, as before
         f"model.weights={digits['weights']}",
         "train.precision=float32",  # the reference's features are float32 too
         *([f"train.epochs={epochs}"] if epochs else []),
-        f"output.dir={out}",
-        cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    accuracy = json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    accuracy = run(cfg)["test_accuracy"]
     assert digits["reference"] >= 0.95  # the features are good: the head has to learn them
     assert accuracy >= digits["reference"] - tolerance, (accuracy, digits["reference"])
 
@@ -96,32 +95,34 @@ def _shapes(root) -> list[str]:
     return [f"data.train_dir={root / 'train'}", f"data.test_dir={root / 'test'}"]
 
 
-def _train_on_shapes(tmp_path, *overrides: str):
-    """The trainer on the shapes set at 64 px, random backbone, 3 epochs: (its result, test
+def _train_on_shapes(tmp_path, cfg, composed_config, caplog, *overrides: str):
+    """The trainer on the shapes set at 64 px, random backbone, 3 epochs: (its log, test
     accuracy)."""
-    out = tmp_path / "out"
-    result = run_trainer(
+    configure(
+        cfg,
         *_shapes(tmp_path),
         "data.image_size=64",
+        f"data.batch_size={composed_config.data.batch_size}",  # the default, as before
         "model.weights=null",
         "train.epochs=3",
-        f"output.dir={out}",
         *overrides,
-        cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result, json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        accuracy = run(cfg)["test_accuracy"]
+    return caplog.text, accuracy
 
 
-def test_shapes_reach_90_percent_in_3_epochs_with_a_random_backbone(tmp_path):
+def test_shapes_reach_90_percent_in_3_epochs_with_a_random_backbone(
+    tmp_path, cfg, composed_config, caplog
+):
     """The fast path: statistics from the cached training features."""
-    _, accuracy = _train_on_shapes(tmp_path)
+    _, accuracy = _train_on_shapes(tmp_path, cfg, composed_config, caplog)
     assert accuracy >= 0.90
 
 
 @pytest.mark.slow
-def test_augmented_shapes_reach_90_percent_in_3_epochs_too(tmp_path):
+def test_augmented_shapes_reach_90_percent_in_3_epochs_too(tmp_path, cfg, composed_config, caplog):
     """The image path (data.augment=true): statistics from one un-augmented pass."""
-    result, accuracy = _train_on_shapes(tmp_path, "data.augment=true")
-    assert "feature statistics from 120 un-augmented training images" in result.stdout
+    log, accuracy = _train_on_shapes(tmp_path, cfg, composed_config, caplog, "data.augment=true")
+    assert "feature statistics from 120 un-augmented training images" in log
     assert accuracy >= 0.90

@@ -13,6 +13,14 @@ import threading
 import pytest
 
 from tests.conftest import SMALL, last_error_line, run_module, run_trainer, trainer_env
+from trainer import (
+    BelowMinAccuracy,
+    Diverged,
+    LostPeer,
+    Preempted,
+    TimeLimitReached,
+    TrainerError,
+)
 
 pytest_plugins = ["tests.gcs_emulator"]  # the emulator fixtures
 
@@ -235,3 +243,33 @@ def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp
         "found 2 classes"
         in emulator.client().bucket("cli-log").blob("runs/first/train.log").download_as_text()
     )
+
+
+@pytest.mark.parametrize(
+    "error, code, line",
+    [
+        (TrainerError("data.train_dir=x: folder not found"), 2, "trainer: error: data.train_dir="),
+        (BelowMinAccuracy("test accuracy 0.5 is below"), 3, "trainer: test accuracy 0.5 is below"),
+        (LostPeer("UnavailableError: gone"), 4, "trainer: lost a peer worker: UnavailableError"),
+        (TimeLimitReached("train.max_hours=1 reached"), 5, "trainer: train.max_hours=1 reached"),
+        (Diverged("the training loss became nan"), 6, "trainer: diverged: the training loss"),
+        (Preempted("SIGTERM"), 143, "trainer: stopped: SIGTERM; run again with the same output"),
+    ],
+)
+def test_each_error_of_the_job_is_its_exit_code_and_one_line(
+    error, code, line, cfg, monkeypatch, capsys
+):
+    """What `python -m trainer` does with each error `run(cfg)` raises (the tests of the job
+    assert the error; this, what a user and the Job's podFailurePolicy then see)."""
+    from trainer import job
+    from trainer.__main__ import _hydra_main
+
+    def fails(cfg, **_):
+        raise error
+
+    monkeypatch.setattr(job, "run", fails)
+    cfg.data.train_dir = "x"
+    with pytest.raises(SystemExit) as exited:
+        _hydra_main(cfg)
+    assert exited.value.code == code == error.exit_code
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)

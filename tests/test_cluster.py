@@ -2,8 +2,9 @@
 or an Indexed Job, a malformed TF_CONFIG refused (exit 2), a lost peer (exit 4), the per-run
 time limit `train.max_hours` (exit 5), and the Keras patch's version check.
 
-The parsing tests are pure Python; the exit codes are checked through real `python -m trainer`
-processes, as a Job's podFailurePolicy sees them.
+The parsing tests are pure Python; a malformed TF_CONFIG and a lost peer are checked through real
+`python -m trainer` processes, as a Job's podFailurePolicy sees them; the time limit, a job
+behaviour, through `run(cfg)` in this process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from tests.conftest import (
     REPO,
     SMALL,
+    configure,
     free_ports,
     last_error_line,
     make_folders,
@@ -28,8 +30,9 @@ from tests.conftest import (
     trainer_env,
     wait_for_text,
 )
-from trainer import TrainerError
+from trainer import TimeLimitReached, TrainerError
 from trainer.cluster import from_environment, parse
+from trainer.job import run
 
 INDEXED_JOB = {
     "TRAINER_WORKERS": "3",
@@ -112,27 +115,27 @@ def test_malformed_tf_config_exits_2_with_one_line(folders, tmp_path, tf_config)
 # --- train.max_hours: exit 5 --------------------------------------------------------------------
 
 
-def test_max_hours_stops_evaluates_writes_metrics_and_exits_5_without_export(folders, tmp_path):
+def test_max_hours_stops_evaluates_writes_metrics_and_is_exit_5_without_export(
+    folders, tmp_path, cfg, caplog
+):
     train_dir, test_dir = folders
     out = tmp_path / "out"
-    result = run_trainer(
+    configure(
+        cfg,
         f"data.train_dir={train_dir}",
         f"data.test_dir={test_dir}",
-        f"output.dir={out}",
         "train.epochs=50",
         "train.finetune_epochs=2",
         "train.max_hours=0.0001",  # 0.36 s: gone before the first step ends
-        *SMALL,
-        cwd=tmp_path,
     )
-    assert result.returncode == 5, result.stderr[-3000:]
-    assert last_error_line(result).startswith("trainer: train.max_hours=0.0001 reached")
+    with caplog.at_level(logging.INFO, logger="trainer"), pytest.raises(TimeLimitReached) as end:
+        run(cfg)
+    assert end.value.exit_code == 5 and str(end.value).startswith("train.max_hours=0.0001 reached")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_at_time_limit"] is True
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["num_test"] == 12
-    log = result.stdout + result.stderr
-    assert "epoch 1/52" in log and "epoch 2/52" not in log  # stopped within the first epoch
-    assert "fine-tuning" not in log  # and the fine-tuning phase never starts
+    assert "epoch 1/52" in caplog.text and "epoch 2/52" not in caplog.text  # within epoch 1
+    assert "fine-tuning" not in caplog.text  # and the fine-tuning phase never starts
     assert not (out / "saved_model").exists()
     assert not (out / "_SUCCESS").exists()
 

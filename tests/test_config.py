@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hydra import compose, initialize_config_dir, initialize_config_module
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, last_error_line, run_trainer
+from tests.conftest import REPO, compose_config, last_error_line, run_trainer
 from trainer import TrainerError
 from trainer.config import Config, enum_overrides, register_configs, validate
 
@@ -16,13 +15,7 @@ register_configs()
 
 
 def composed(*overrides: str, module: bool = False):
-    init = (
-        initialize_config_module("trainer.conf", version_base="1.3")
-        if module
-        else initialize_config_dir(str(REPO / "conf"), version_base="1.3")
-    )
-    with init:
-        return compose("config", overrides=list(overrides))
+    return compose_config(*overrides, module=module)
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SMALL, corrupt_files, last_error_line, make_folders, run_trainer
+from tests.conftest import (
+    SMALL,
+    configure,
+    corrupt_files,
+    last_error_line,
+    make_folders,
+    run_trainer,
+)
+from tests.support.hygiene import forget_process_caches
 from trainer import TrainerError
 from trainer.data import (
     drop_bad_images,
@@ -17,6 +27,7 @@ from trainer.data import (
     load_splits,
 )
 from trainer.images import decode_image
+from trainer.job import run
 from trainer.synthetic import make_dataset
 
 
@@ -169,35 +180,40 @@ def test_corrupt_images_are_skipped_and_reported_by_the_job(trained_run):
     assert trained_run.metrics["num_train"] == 80  # 2 x 40 good images; the 3 bad ones left out
 
 
-def test_a_run_over_the_same_files_takes_the_scans_findings_from_the_feature_cache(tmp_path):
+def test_a_run_over_the_same_files_takes_the_scans_findings_from_the_feature_cache(
+    tmp_path, cfg, caplog
+):
     """A sweep's pods and reruns decode no image to learn which are bad: the first run's
     findings are in storage.feature_cache, keyed by the files' contents. A changed file, or
     on_bad_image=fail, behaves as it would after a scan."""
     train_dir, test_dir = make_folders(tmp_path / "data", train=12, test=4)
     bad = corrupt_files(train_dir / "dog")
-    common = [f"data.train_dir={train_dir}", f"data.test_dir={test_dir}", "train.epochs=1", *SMALL]
-    cache = f"storage.feature_cache={tmp_path / 'features'}"
+    configure(cfg, f"data.train_dir={train_dir}", f"data.test_dir={test_dir}", "train.epochs=1")
+    configure(cfg, f"storage.feature_cache={tmp_path / 'features'}")
 
-    def run(name: str, *extra: str):
-        return run_trainer(*common, cache, f"output.dir={tmp_path / name}", *extra, cwd=tmp_path)
+    def run_into(name: str, *extra: str) -> str:
+        """A run into tmp_path/name, in a process of its own as a pod's would be: its log."""
+        forget_process_caches()  # not the probe's findings of the run before
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trainer"):
+            run(configure(copy.deepcopy(cfg), f"output.dir={tmp_path / name}", *extra))
+        return caplog.text
 
-    first, second = run("first"), run("second")
-    for result in (first, second):
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert "skipping 3 undecodable image(s) in the training set" in result.stdout
-        assert f"skipped {bad[0]} (Input is empty.)" in result.stdout
-    assert "scanning 35 images" in first.stdout and "scanning" not in second.stdout
-    assert "bad-image scan skipped: 3 of these 35 images are undecodable" in second.stdout
+    first, second = run_into("first"), run_into("second")
+    for log in (first, second):
+        assert "skipping 3 undecodable image(s) in the training set" in log
+        assert f"skipped {bad[0]} (Input is empty.)" in log
+    assert "scanning 35 images" in first and "scanning" not in second
+    assert "bad-image scan skipped: 3 of these 35 images are undecodable" in second
 
-    failing = run("failing", "data.on_bad_image=fail")
-    assert failing.returncode == 2 and "scanning" not in failing.stdout
-    assert last_error_line(failing).startswith(f"trainer: error: {bad[0]}: cannot decode image")
+    with pytest.raises(TrainerError, match=f"^{bad[0]}: cannot decode image") as failing:
+        run_into("failing", "data.on_bad_image=fail")
+    assert failing.value.exit_code == 2 and "scanning" not in caplog.text
 
     bad[0].write_bytes(sorted((train_dir / "cat").glob("*.jpg"))[0].read_bytes())  # now good
-    fixed = run("fixed")
-    assert fixed.returncode == 0, fixed.stderr[-2000:]
-    assert "scanning 35 images" in fixed.stdout
-    assert "skipping 2 undecodable image(s) in the training set" in fixed.stdout
+    fixed = run_into("fixed")
+    assert "scanning 35 images" in fixed
+    assert "skipping 2 undecodable image(s) in the training set" in fixed
 
 
 def test_a_listed_file_that_cannot_be_read_is_reported_by_the_scan_not_a_crash(tmp_path):
@@ -218,19 +234,10 @@ def test_a_listed_file_that_cannot_be_read_is_reported_by_the_scan_not_a_crash(t
     assert findings.digests[str(gone)].startswith("unreadable:")
 
 
-def test_on_bad_image_fail_exits_2_naming_the_file(tmp_path):
+def test_on_bad_image_fail_is_an_error_naming_the_file(tmp_path, cfg):
     train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
     (train_dir / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    result = run_trainer(
-        f"data.train_dir={train_dir}",
-        f"data.test_dir={test_dir}",
-        "data.on_bad_image=fail",
-        f"output.dir={tmp_path}/out",
-        *SMALL,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    line = last_error_line(result)
-    assert line.startswith(f"trainer: error: {train_dir}/cat/broken.jpg: cannot decode image")
-    assert "Traceback" not in result.stderr
+    configure(cfg, f"data.train_dir={train_dir}", f"data.test_dir={test_dir}")
+    with pytest.raises(TrainerError, match=f"^{train_dir}/cat/broken.jpg: cannot decode image"):
+        run(configure(cfg, "data.on_bad_image=fail"))
     assert not (tmp_path / "out" / "_SUCCESS").exists()

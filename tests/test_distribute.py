@@ -117,17 +117,11 @@ def test_a_single_machine_strategy_inside_a_cluster_is_refused(monkeypatch):
 def test_jit_compile_accepts_auto_true_false_as_hydra_passes_them(value, expected):
     """The value as Hydra composes it from `train.jit_compile=...`. This machine has no GPU, where
     README says auto means no XLA on a CPU."""
-    from hydra import compose, initialize_config_dir
-
-    from trainer.config import enum_overrides, register_configs
+    from tests.conftest import compose_config
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is visible: auto is Keras' choice there")
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config", overrides=enum_overrides(["data.train_dir=x", f"train.jit_compile={value}"])
-        )
+    cfg = compose_config("data.train_dir=x", f"train.jit_compile={value}")
     assert choose_jit_compile(cfg.train.jit_compile) is expected
 
 

@@ -12,10 +12,17 @@ import logging
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests.conftest import CLASSES, REPO, SMALL, free_ports, make_folders, run_trainer, trainer_env
-from trainer.config import register_configs
+from tests.conftest import (
+    CLASSES,
+    REPO,
+    SMALL,
+    compose_config,
+    free_ports,
+    make_folders,
+    run_trainer,
+    trainer_env,
+)
 from trainer.job import run
 
 HIT = "from the feature cache"
@@ -35,9 +42,7 @@ def all_stopped(processes: list):
 
 
 def _config(*overrides: str):
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*SMALL, "train.epochs=2", *overrides])
+    return compose_config(*SMALL, "train.epochs=2", *overrides)
 
 
 def _run(tmp_path, name: str, data, cache, caplog) -> tuple[dict, str]:

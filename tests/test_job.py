@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests.conftest import CLASSES, REPO, SMALL, make_folders
-from trainer.config import register_configs
+from tests.conftest import CLASSES, SMALL, compose_config, make_folders
 from trainer.job import run
 
 PUBLISHED = {"_SUCCESS", "saved_model", "labels.txt", "metrics.json", "config.yaml", "tensorboard"}
@@ -17,18 +15,13 @@ PUBLISHED = {"_SUCCESS", "saved_model", "labels.txt", "metrics.json", "config.ya
 
 def _config(tmp_path, *overrides: str, classes=CLASSES):
     train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4, classes=classes)
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                f"data.train_dir={train_dir}",
-                f"data.test_dir={test_dir}",
-                f"output.dir={tmp_path / 'out'}",
-                *SMALL,
-                *overrides,
-            ],
-        )
+    return compose_config(
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        f"output.dir={tmp_path / 'out'}",
+        *SMALL,
+        *overrides,
+    )
 
 
 def test_run_returns_the_metrics_it_publishes_and_leaves_only_outputs(tmp_path, in_process_run):

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, last_error_line, run_trainer
+from tests.conftest import REPO, compose_config, last_error_line, run_trainer
 from trainer import kube
-from trainer.config import register_configs
 
 BASE = [
     "data.train_dir=gs://bucket/hotdog/train",
@@ -466,9 +464,7 @@ def test_sweep_points_share_one_feature_cache_beside_the_sweep_output():
     cache = "storage.feature_cache=gs\\://bucket/runs/sweep/features"
     assert all(point.count(cache) == 1 for point in points)
     assert len(points) == 8
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=points[3])
+    cfg = compose_config(*points[3])
     assert cfg.storage.feature_cache == "gs://bucket/runs/sweep/features"
     assert cfg.output.dir == "gs://bucket/runs/sweep/3"
 

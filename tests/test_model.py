@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import SMALL, last_error_line, make_folders, run_trainer, trainer_env
+from tests.conftest import configure, last_error_line, make_folders, run_trainer, trainer_env
 from trainer import TrainerError
+from trainer.job import run
 from trainer.model import NOTOP_FILE, build_backbone, build_model, feature_extractor
 
 SIZE = 32
@@ -53,19 +54,14 @@ def test_weights_file_that_does_not_fit_is_refused_naming_it(tmp_path):
         build_backbone(SIZE, str(path))
 
 
-def test_missing_weights_file_exits_2_naming_it(tmp_path):
+def test_missing_weights_file_is_an_error_naming_it(tmp_path, cfg):
     train_dir, test_dir = make_folders(tmp_path / "data", train=3, test=2)
     missing = tmp_path / "nope.weights.h5"
-    result = run_trainer(
-        f"data.train_dir={train_dir}",
-        f"data.test_dir={test_dir}",
-        *SMALL,
-        f"model.weights={missing}",
-        f"output.dir={tmp_path}/out",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert last_error_line(result) == f"trainer: error: model.weights={missing}: file not found"
+    configure(cfg, f"data.train_dir={train_dir}", f"data.test_dir={test_dir}")
+    with pytest.raises(TrainerError) as error:
+        run(configure(cfg, f"model.weights={missing}"))
+    assert str(error.value) == f"model.weights={missing}: file not found"
+    assert error.value.exit_code == 2
 
 
 def test_offline_imagenet_download_names_both_remedies(tmp_path):
@@ -178,17 +174,12 @@ def test_model_takes_raw_pixels_and_applies_resnet50_preprocessing_itself():
     np.testing.assert_allclose(model(pixels), by_hand, rtol=1e-5, atol=1e-6)
 
 
-def test_misspelt_finetune_layer_exits_2_before_any_training(tmp_path):
+def test_misspelt_finetune_layer_is_an_error_before_any_training(tmp_path, cfg, caplog):
     train_dir, test_dir = make_folders(tmp_path / "data", train=3, test=2)
-    result = run_trainer(
-        f"data.train_dir={train_dir}",
-        f"data.test_dir={test_dir}",
-        *SMALL,
-        "train.finetune_epochs=1",
-        "train.finetune_from=conv9_nope",
-        f"output.dir={tmp_path}/out",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert last_error_line(result).startswith("trainer: error: train.finetune_from=conv9_nope")
-    assert "features cached" not in result.stdout and "epoch 1/" not in result.stdout
+    configure(cfg, f"data.train_dir={train_dir}", f"data.test_dir={test_dir}")
+    configure(cfg, "train.finetune_epochs=1", "train.finetune_from=conv9_nope")
+    with caplog.at_level("INFO", logger="trainer"), pytest.raises(TrainerError) as error:
+        run(cfg)
+    assert str(error.value).startswith("train.finetune_from=conv9_nope")
+    assert error.value.exit_code == 2
+    assert "features cached" not in caplog.text and "epoch 1/" not in caplog.text

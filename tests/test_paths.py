@@ -14,6 +14,7 @@ unless the CPU has native bf16. The slowest combinations are marked `slow` (CI's
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -24,9 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import DictConfig
 
-from tests.conftest import free_ports, make_folders, stop, trainer_env, wait_for_text
-from trainer import feature_cache
+from tests.conftest import configure, free_ports, make_folders, stop, trainer_env, wait_for_text
+from tests.support.hygiene import forget_process_caches
+from trainer import Diverged, feature_cache
+from trainer.job import run
 
 SMALL = [
     "model.weights=null",
@@ -238,37 +242,53 @@ def test_a_corrupt_or_non_finite_cache_entry_is_a_miss_and_is_removed(tmp_path, 
     assert "flipped.npy is corrupt" in caplog.text and "nan.npy is corrupt" in caplog.text
 
 
-def test_a_corrupt_cache_entry_is_computed_again_and_the_model_is_the_same(data, tmp_path):
+def _in_process(cfg, data, out: Path, *overrides: str) -> DictConfig:
+    """`cfg` for a one-device run on `data` into `out` with the matrix's SMALL settings."""
+    train, test = data
+    return configure(
+        copy.deepcopy(cfg),
+        f"data.train_dir={train}",
+        f"data.test_dir={test}",
+        *SMALL,
+        f"output.dir={out}",
+        *overrides,
+    )
+
+
+def test_a_corrupt_cache_entry_is_computed_again_and_the_model_is_the_same(
+    data, tmp_path, cfg, caplog
+):
     cache = tmp_path / "cache"
     first, second = tmp_path / "first", tmp_path / "second"
-    overrides = [*SMALL[:-1], f"storage.feature_cache={cache}"]
-    assert _run(data, first, *overrides) == [0], _log(first)[-3000:]
+    cached = f"storage.feature_cache={cache}"
+    reference = run(_in_process(cfg, data, first, cached))
     for entry in cache.glob("*.npy"):  # every feature entry: flip a bit near the end
         raw = bytearray(entry.read_bytes())
         raw[-len(feature_cache.FOOTER) - 64 - 5] ^= 0x01
         entry.write_bytes(bytes(raw))
+    forget_process_caches()  # the second run as a process of its own
 
-    assert _run(data, second, *overrides) == [0], _log(second)[-3000:]
+    with caplog.at_level("INFO", logger="trainer"):
+        metrics = run(_in_process(cfg, data, second, cached))
 
-    assert "is corrupt (digest, shape or values): removed, a miss" in _log(second)
-    metrics = json.loads((second / "metrics.json").read_text())
+    assert "is corrupt (digest, shape or values): removed, a miss" in caplog.text
     assert metrics["timings"]["feature_cache"] == "miss"
-    reference = json.loads((first / "metrics.json").read_text())
     assert metrics["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
     assert _serving_accuracy(second, data[1]) == metrics["test_accuracy"]
 
 
-def test_a_diverging_run_exits_6_naming_the_loss_and_exports_nothing(data, tmp_path):
+def test_a_diverging_run_is_exit_6_naming_the_loss_and_exports_nothing(data, tmp_path, cfg):
     out = tmp_path / "out"
-    codes = _run(data, out, *SMALL, "train.learning_rate=1e38")
-    assert codes == [6], _log(out)[-3000:]
-    last = _log(out).strip().splitlines()[-1]
-    assert last.startswith("trainer: diverged: the training loss became nan in epoch ")
+    with pytest.raises(Diverged, match="^the training loss became nan in epoch ") as diverged:
+        run(_in_process(cfg, data, out, "train.learning_rate=1e38"))
+    assert diverged.value.exit_code == 6
     assert not (out / "saved_model").exists() and not (out / "_SUCCESS").exists()
     assert not (out / "backup").exists()
 
 
-def test_weights_that_give_non_finite_features_exit_6_before_training(data, tmp_path):
+def test_weights_that_give_non_finite_features_are_exit_6_before_training(
+    data, tmp_path, cfg, caplog
+):
     import keras
 
     from trainer.model import build_backbone
@@ -287,10 +307,11 @@ def test_weights_that_give_non_finite_features_exit_6_before_training(data, tmp_
     keras.backend.clear_session()
     out = tmp_path / "out"
 
-    codes = _run(data, out, *SMALL, f"model.weights={weights}")
+    with caplog.at_level("INFO", logger="trainer"), pytest.raises(Diverged) as diverged:
+        run(_in_process(cfg, data, out, f"model.weights={weights}"))
 
-    assert codes == [6], _log(out)[-3000:]
-    last = _log(out).strip().splitlines()[-1]
-    assert "the backbone's features of the train set" in last and "non-finite" in last
-    assert "epoch 1/" not in _log(out)
+    assert diverged.value.exit_code == 6
+    assert "the backbone's features of the train set" in str(diverged.value)
+    assert "non-finite" in str(diverged.value)
+    assert "epoch 1/" not in caplog.text
     assert not (out / "saved_model").exists()

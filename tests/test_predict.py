@@ -1,24 +1,36 @@
-"""`python -m trainer.predict`: one line per image, bad input named with exit code 2."""
+"""`python -m trainer.predict`: one line per image, bad input named with exit code 2.
+
+Its `main(argv)` runs in this process (what the command's start-up prints is checked through a
+real process in tests/test_cli.py).
+"""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
 
-from tests.conftest import CLASSES, last_error_line, run_module
+from tests.conftest import CLASSES, last_error_line
+from trainer.predict import main
 
 
-def test_predict_prints_path_class_and_probability_per_image(trained_run, tmp_path):
+def predict(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m trainer.predict args...` as main(argv): its exit code and output."""
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["trainer.predict", *args], code, out, err)
+
+
+def test_predict_prints_path_class_and_probability_per_image(trained_run, capsys):
     one = sorted(trained_run.test_dir.glob("cat/*.jpg"))[0]
-    result = run_module(
-        "trainer.predict",
-        str(trained_run.out),
-        str(one),
-        str(trained_run.test_dir / "dog"),
-        cwd=tmp_path,
-    )
+    result = predict(capsys, str(trained_run.out), str(one), str(trained_run.test_dir / "dog"))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert len(lines) == 1 + 16
@@ -57,21 +69,19 @@ def test_predict_pairs_each_path_with_its_own_result_in_the_order_given(trained_
         assert float(probability) == pytest.approx(answer(image)[1], abs=1e-4), path
 
 
-def test_predict_reports_a_bad_image_and_classifies_the_rest(trained_run, tmp_path):
+def test_predict_reports_a_bad_image_and_classifies_the_rest(trained_run, tmp_path, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"nope")
     good = sorted(trained_run.test_dir.glob("dog/*.jpg"))[0]
-    result = run_module(
-        "trainer.predict", str(trained_run.out / "saved_model"), str(bad), str(good), cwd=tmp_path
-    )
+    result = predict(capsys, str(trained_run.out / "saved_model"), str(bad), str(good))
     assert result.returncode == 2
     assert f"{bad}: cannot decode image" in result.stderr
     assert result.stdout.startswith(f"{good}\tdog\t")
 
 
-def test_predict_names_a_missing_model_dir(tmp_path):
+def test_predict_names_a_missing_model_dir(tmp_path, capsys):
     image = tmp_path / "x.jpg"
     image.write_bytes(b"x")
-    result = run_module("trainer.predict", str(tmp_path / "nomodel"), str(image), cwd=tmp_path)
+    result = predict(capsys, str(tmp_path / "nomodel"), str(image))
     assert result.returncode == 2
     assert str(tmp_path / "nomodel") in last_error_line(result)

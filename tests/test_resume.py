@@ -1,14 +1,36 @@
-"""Preemption: SIGTERM mid-training leaves a backup and exit code 143; the retry resumes."""
+"""Preemption: SIGTERM mid-training leaves a backup and exit code 143; the retry resumes.
+
+The preempted run is a real `python -m trainer` (the signal and the exit code are the
+behaviour); the retry, whose behaviour is the job's, runs in this process through `run(cfg)`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
+from pathlib import Path
 
+import pytest
 import tensorflow as tf
 
-from tests.conftest import SMALL, Lines, run_trainer, start_trainer, stopped_on_exit
+from tests.conftest import SMALL, Lines, configure, make_folders, start_trainer, stopped_on_exit
+from trainer.job import run
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """12 training and 4 test images a class: enough steps an epoch to be stopped in."""
+    return make_folders(tmp_path_factory.mktemp("resume-data"), train=12, test=4)
+
+
+def _rerun(cfg, args: list[str], caplog) -> tuple[dict, str]:
+    """The retry, with the same overrides, in this process: (its metrics, its log)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        metrics = run(configure(cfg, *args))
+    return metrics, caplog.text
 
 
 def _preempt(args: list[str], cwd, when: str, timeout: float = 300) -> tuple[int, str, str]:
@@ -23,19 +45,18 @@ def _preempt(args: list[str], cwd, when: str, timeout: float = 300) -> tuple[int
     return process.returncode, lines.text(), (cwd / "stderr.txt").read_text()
 
 
-def _assert_resumed_and_exported(out, second, epochs: int, metadata: dict) -> None:
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert f"at epoch {metadata['epoch'] + 1}" in second.stdout
-    assert "epoch 1/" not in second.stdout and f"epoch {epochs}/{epochs}" in second.stdout
+def _assert_resumed_and_exported(out, log: str, epochs: int, metadata: dict) -> None:
+    assert f"at epoch {metadata['epoch'] + 1}" in log
+    assert "epoch 1/" not in log and f"epoch {epochs}/{epochs}" in log
     assert json.loads((out / "metrics.json").read_text())["epochs"] == epochs
     assert (out / "_SUCCESS").exists() and not (out / "backup").exists()
 
 
-def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(trained_run, tmp_path):
+def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(folders, tmp_path, cfg, caplog):
     out = tmp_path / "out"
     args = [
-        f"data.train_dir={trained_run.train_dir}",
-        f"data.test_dir={trained_run.test_dir}",
+        f"data.train_dir={folders[0]}",
+        f"data.test_dir={folders[1]}",
         f"output.dir={out}",
         "data.augment=true",
         "train.epochs=6",
@@ -49,23 +70,23 @@ def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(trained_run, tmp_
     assert metadata["epoch"] >= 2
     assert not (out / "_SUCCESS").exists() and "epoch 6/6" not in log
 
-    second = run_trainer(*args, cwd=tmp_path)
+    _, second = _rerun(cfg, args, caplog)
 
     _assert_resumed_and_exported(out, second, 6, metadata)
     serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
-    dog = sorted(trained_run.test_dir.glob("dog/*.jpg"))[0]
+    dog = sorted(folders[1].glob("dog/*.jpg"))[0]
     assert serve(image_bytes=tf.constant([dog.read_bytes()]))["probabilities"].shape == (1, 2)
 
 
-def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(trained_run, tmp_path):
+def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(folders, tmp_path, cfg, caplog):
     """The default run (head on cached features) is preempted too: the retry takes the
     features from the feature cache the first attempt filled (no second backbone pass) and goes
     on from the backup's epoch, not from epoch 1."""
     out = tmp_path / "out"
     epochs = 150  # the head's epochs take milliseconds: enough of them to be stopped mid-way
     args = [
-        f"data.train_dir={trained_run.train_dir}",
-        f"data.test_dir={trained_run.test_dir}",
+        f"data.train_dir={folders[0]}",
+        f"data.test_dir={folders[1]}",
         f"output.dir={out}",
         f"train.epochs={epochs}",
         *SMALL,
@@ -75,18 +96,20 @@ def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(trained_run, 
     assert "head on cached features" in log and f"epoch {epochs}/{epochs}" not in log
     metadata = json.loads((out / "backup" / "head" / "training_metadata.json").read_text())
 
-    second = run_trainer(*args, cwd=tmp_path)
+    _, second = _rerun(cfg, args, caplog)
 
     _assert_resumed_and_exported(out, second, epochs, metadata)
-    assert "features of the train set from the feature cache" in second.stdout
-    assert "features cached: train set" not in second.stdout  # no second backbone pass
+    assert "features of the train set from the feature cache" in second
+    assert "features cached: train set" not in second  # no second backbone pass
 
 
-def test_sigterm_while_fine_tuning_keeps_phase_1_and_the_rerun_skips_it(trained_run, tmp_path):
+def test_sigterm_while_fine_tuning_keeps_phase_1_and_the_rerun_skips_it(
+    folders, tmp_path, cfg, caplog
+):
     out = tmp_path / "out"
     args = [
-        f"data.train_dir={trained_run.train_dir}",
-        f"data.test_dir={trained_run.test_dir}",
+        f"data.train_dir={folders[0]}",
+        f"data.test_dir={folders[1]}",
         f"output.dir={out}",
         "train.epochs=2",
         "train.finetune_epochs=3",
@@ -97,12 +120,11 @@ def test_sigterm_while_fine_tuning_keeps_phase_1_and_the_rerun_skips_it(trained_
     assert code == 143, stderr[-2000:]
     assert (out / "backup" / "phase1_done.weights.h5").exists()
 
-    second = run_trainer(*args, cwd=tmp_path)
+    _, second = _rerun(cfg, args, caplog)
 
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "phase 1 finished before a restart: resuming from" in second.stdout
-    assert "features cached" not in second.stdout  # phase 1 (the fast path) is not run again
-    assert "epoch 1/5" not in second.stdout and "epoch 5/5 (fine-tune)" in second.stdout
+    assert "phase 1 finished before a restart: resuming from" in second
+    assert "features cached" not in second  # phase 1 (the fast path) is not run again
+    assert "epoch 1/5" not in second and "epoch 5/5 (fine-tune)" in second
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 5
     assert (out / "_SUCCESS").exists() and not (out / "backup").exists()
 

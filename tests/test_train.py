@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CLASSES, SMALL, last_error_line, make_folders, run_trainer
+from tests.conftest import CLASSES, SMALL, configure, make_folders, run_trainer
+from trainer import BelowMinAccuracy, TrainerError
 from trainer.data import image_dataset, load_splits
 from trainer.features import extract_features, feature_dataset
+from trainer.job import run
 from trainer.model import build_model, feature_extractor
 
 
@@ -74,69 +77,74 @@ def test_shuffled_feature_batches_keep_features_and_labels_together(tmp_path):
             assert x[:, 0].tolist() == y.tolist()
 
 
+def _log_of(caplog, job, cfg):
+    """`job(cfg)` with the trainer's log captured: (its result, the log)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        return job(cfg), caplog.text
+
+
 def test_augmented_run_with_finetuning_trains_the_full_model_and_may_overwrite(
-    trained_run, tmp_path
+    trained_run, tmp_path, cfg, caplog
 ):
     """data.augment=true: full forward each step; finetune_epochs: a second phase continues the
-    epoch count; output.overwrite=true replaces an earlier finished run."""
+    epoch count; output.overwrite=true replaces an earlier finished run. Few images: every step
+    is a full forward pass."""
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
     out = tmp_path / "out"
     shutil.copytree(trained_run.out, out)
-    result = run_trainer(
-        f"data.train_dir={trained_run.train_dir}",
-        f"data.test_dir={trained_run.test_dir}",
+    configure(
+        cfg,
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
         f"output.dir={out}",
         "output.overwrite=true",
         "data.augment=true",
         "train.epochs=1",
         "train.finetune_epochs=1",
-        *SMALL,
-        cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    log = result.stdout
+    metrics, log = _log_of(caplog, run, cfg)
     assert "full forward each step (data.augment=true)" in log
     assert "features cached" not in log
     assert "fine-tuning: 23 backbone layers from conv5_block1_1_conv unfrozen" in log
     assert "epoch 2/2 (fine-tune)" in log
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["fast_path"] is False and metrics["epochs"] == 2
     assert "finetune_s" in metrics["timings"]
     assert (out / "_SUCCESS").exists() and (out / "saved_model" / "saved_model.pb").exists()
 
 
-def test_finished_run_is_not_overwritten_without_asking(trained_run, tmp_path):
+def test_finished_run_is_not_overwritten_without_asking(trained_run, cfg):
     before = {p: p.stat().st_mtime_ns for p in trained_run.out.rglob("*")}
-    result = run_trainer(
+    configure(
+        cfg,
         f"data.train_dir={trained_run.train_dir}",
         f"data.test_dir={trained_run.test_dir}",
         f"output.dir={trained_run.out}",
-        *SMALL,
-        cwd=tmp_path,
     )
-    assert result.returncode == 2
-    assert last_error_line(result).startswith(f"trainer: error: output.dir={trained_run.out}:")
-    assert "output.overwrite=true" in last_error_line(result)
+    with pytest.raises(TrainerError, match=f"^output.dir={trained_run.out}:") as refused:
+        run(cfg)
+    assert refused.value.exit_code == 2 and "output.overwrite=true" in str(refused.value)
     assert {p: p.stat().st_mtime_ns for p in trained_run.out.rglob("*")} == before
 
 
-def test_below_min_accuracy_exits_3_with_metrics_and_no_export(tmp_path):
+def test_below_min_accuracy_is_exit_3_with_metrics_and_no_export(tmp_path, cfg):
     # The same pictures in both classes: nothing to learn, so accuracy stays near chance.
     train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=6)
     for split in (train_dir, test_dir):
         shutil.rmtree(split / "dog")
         shutil.copytree(split / "cat", split / "dog")
     out = tmp_path / "out"
-    result = run_trainer(
+    configure(
+        cfg,
         f"data.train_dir={train_dir}",
         f"data.test_dir={test_dir}",
-        f"output.dir={out}",
         "train.epochs=2",
         "train.min_accuracy=0.9",
-        *SMALL,
-        cwd=tmp_path,
     )
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert "below train.min_accuracy=0.9" in last_error_line(result)
+    with pytest.raises(BelowMinAccuracy, match="below train.min_accuracy=0.9") as below:
+        run(cfg)
+    assert below.value.exit_code == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] < 0.9
     assert not (out / "saved_model").exists() and not (out / "_SUCCESS").exists()
@@ -164,33 +172,24 @@ def test_multirun_sweep_gives_each_run_its_own_directory(trained_run, tmp_path):
     ), sweeps
     runs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in runs] == ["0", "1"]
-    for run in runs:
-        assert (run / "_SUCCESS").exists() and (run / "saved_model" / "saved_model.pb").exists()
-        assert (run / "tensorboard").is_dir() and (run / "metrics.json").exists()
-    rates = [OmegaConf.load(run / "config.yaml").train.learning_rate for run in runs]
+    for point in runs:
+        assert (point / "_SUCCESS").exists()
+        assert (point / "saved_model" / "saved_model.pb").exists()
+        assert (point / "tensorboard").is_dir() and (point / "metrics.json").exists()
+    rates = [OmegaConf.load(point / "config.yaml").train.learning_rate for point in runs]
     assert rates == [1e-3, 3e-3]
 
 
-def test_sweep_metric_is_the_test_accuracy(trained_run, tmp_path, in_process_run):
+def test_sweep_metric_is_the_test_accuracy(trained_run, tmp_path, cfg):
     """`main()` returns test accuracy: what Hydra sweepers (Optuna, Nevergrad) optimize."""
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import REPO
     from trainer.__main__ import _hydra_main
-    from trainer.config import register_configs
 
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"data.train_dir={trained_run.train_dir}",
-                f"data.test_dir={trained_run.test_dir}",
-                f"output.dir={tmp_path}/out",
-                "train.epochs=1",
-                *SMALL,
-            ],
-        )
+    configure(
+        cfg,
+        f"data.train_dir={trained_run.train_dir}",
+        f"data.test_dir={trained_run.test_dir}",
+        "train.epochs=1",
+    )
     accuracy = _hydra_main(cfg)  # hydra.main passes a given config straight to the task
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert accuracy == metrics["test_accuracy"]

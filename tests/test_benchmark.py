@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from scripts.bench import CONTEXT_KEYS, FIGURE_KEYS
 from scripts.bench.harness import PHASES, REST, trainer_result
 from trainer.timings import STEPS
@@ -55,6 +57,7 @@ def _benchmark(tmp_path, *flags: str) -> tuple[dict, str]:
     return json.loads(figures_path.read_text()), stdout
 
 
+@pytest.mark.slow  # every row of the benchmark, each a trainer process: about a minute
 def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     figures, stdout = _benchmark(tmp_path)
     assert set(figures) == set(FIGURE_KEYS) | set(CONTEXT_KEYS)
@@ -83,6 +86,7 @@ def test_benchmark_writes_every_figure_as_json_and_draws_the_chart(tmp_path):
     assert "Not a target: trainer_s / floor_folded_s = " in stdout
 
 
+@pytest.mark.slow  # a three-point sweep in a process
 def test_benchmark_sweep_row_runs_the_backbone_once_and_skipped_rows_are_left_out(tmp_path):
     figures, stdout = _benchmark(tmp_path, "--skip=keras_guide,seed_recipe", "--sweep=2")
 

@@ -297,6 +297,7 @@ def test_mirrored_on_two_simulated_devices_gives_the_one_device_model(
     _assert_same_model(str(out_dir), one_device_run, folders)
 
 
+@pytest.mark.slow  # two workers; test_paths has multi_worker-auto-fast-auto in the default run
 def test_two_workers_on_loopback_export_once_and_give_the_one_device_model(
     folders, one_device_run, tmp_path
 ):
@@ -352,6 +353,7 @@ def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_p
     assert metrics["epochs"] == 2 and metrics["num_test"] == 10
 
 
+@pytest.mark.slow  # two workers; the default run has test_cluster's killed-worker exit 4
 def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(folders, tmp_path):
     ports = free_ports(2)
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
@@ -382,6 +384,7 @@ def test_a_killed_worker_makes_the_other_exit_non_zero_within_a_bounded_time(fol
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
+@pytest.mark.slow  # waits for the join to time out
 def test_a_worker_that_never_joins_makes_the_other_exit_non_zero(folders, tmp_path):
     ports = free_ports(2)
     started = time.monotonic()
@@ -397,6 +400,7 @@ def test_a_worker_that_never_joins_makes_the_other_exit_non_zero(folders, tmp_pa
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.slow  # two workers, then the collective timeout
 def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders, tmp_path):
     """Worker 1 stays alive (its heartbeats go on) but its Python stops in the training loop, as
     in a deadlock: worker 0's next collective gives up after distribute.timeout_seconds."""

@@ -172,6 +172,7 @@ def test_missing_bucket_or_prefix_exits_2_naming_the_uri(
     assert line.startswith(f"trainer: error: {key}={uri}: ") and says in line
 
 
+@pytest.mark.slow  # two trainer processes on the emulator; local resume is in the default run
 def test_preempted_run_on_gcs_resumes_on_a_fresh_pod_and_publishes(emulator, gcs_run, tmp_path):
     """SIGTERM: the backup reaches gs://; the retry, with an empty cache (a new pod), fetches
     it, resumes at its epoch and publishes; the backup is then gone from the bucket."""

@@ -52,6 +52,7 @@ def _assert_resumed_and_exported(out, log: str, epochs: int, metadata: dict) -> 
     assert (out / "_SUCCESS").exists() and not (out / "backup").exists()
 
 
+@pytest.mark.slow  # an augmented run twice; the default run has the fast path's resume
 def test_sigterm_mid_training_then_a_rerun_resumes_and_exports(folders, tmp_path, cfg, caplog):
     out = tmp_path / "out"
     args = [
@@ -103,6 +104,7 @@ def test_sigterm_during_the_default_fast_path_then_a_rerun_resumes(folders, tmp_
     assert "features cached: train set" not in second  # no second backbone pass
 
 
+@pytest.mark.slow  # fine-tuning twice
 def test_sigterm_while_fine_tuning_keeps_phase_1_and_the_rerun_skips_it(
     folders, tmp_path, cfg, caplog
 ):

@@ -84,6 +84,7 @@ def _log_of(caplog, job, cfg):
         return job(cfg), caplog.text
 
 
+@pytest.mark.slow  # augmentation and fine-tuning on images
 def test_augmented_run_with_finetuning_trains_the_full_model_and_may_overwrite(
     trained_run, tmp_path, cfg, caplog
 ):

@@ -58,7 +58,10 @@ setup(
     ],
     extras_require={
         "dev": [
-            "pytest>=8",
+            # below pytest 9.2, the first to need packaging>=24, which checkov caps below 24: pip 23
+            # (what `python3 -m venv` ships) finds that out by backtracking, and once went through
+            # 51 botocore wheels (~670 MB, ~3.5 min) first. `pip install --dry-run` shows none now
+            "pytest>=8,<9.2",
             "ruff>=0.6",
             "kubernetes-validate>=1.33",
             # exact: checkov caps packaging (<24) and boto3, and with a newer packaging already
@@ -70,7 +73,7 @@ setup(
             # tests/test_container.py builds the wheel offline (--no-build-isolation): the build
             # backend must be installed, and Python >= 3.12 venvs come without setuptools.
             "setuptools>=68",
-            "wheel",
+            "wheel<0.46",  # 0.46+ needs packaging>=24 too (see pytest above)
             *OPTUNA,  # the Optuna sweeps in tests/test_sweep.py and tests/test_launcher.py
             *KUBERNETES,  # tests/test_launcher.py drives a real control plane
         ],

@@ -219,7 +219,7 @@ def follow_up(args: argparse.Namespace) -> list[str]:
     return [
         f"kubectl{ns} get job {args.name} -w",
         f"kubectl{ns} logs -f {pods} --prefix --max-log-requests 20",
-        f"tensorboard --logdir {logdir}        # from a laptop with gcloud credentials",
+        f"python -m trainer.tensorboard --logdir {logdir}  # from a laptop with gcloud credentials",
         f"scripts/tensorboard.sh {logdir}      # or in the cluster, port-forwarded to :6006",
     ]
 

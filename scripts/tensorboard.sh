@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run TensorBoard in the cluster on a gs:// log root and port-forward it to this machine.
 #   scripts/tensorboard.sh gs://BUCKET/runs [IMAGE]       then open http://localhost:6006
-# (From a laptop with gcloud credentials, `tensorboard --logdir gs://BUCKET/runs` works too.)
+# (From a laptop with gcloud credentials: `python -m trainer.tensorboard --logdir gs://BUCKET/runs`.)
 set -euo pipefail
 logdir=${1:?usage: scripts/tensorboard.sh gs://BUCKET/PATH [IMAGE]}
 image=${2:-${TRAINER_IMAGE:-ghcr.io/example/trainer:0.1.0}}

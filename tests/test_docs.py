@@ -175,3 +175,29 @@ def test_readme_exit_code_table_lists_every_exit_code_the_trainer_defines():
     table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
     assert documented == {int(code) for code in ExitCode}
+
+
+def config_keys(node: type, prefix: str = "") -> set[str]:
+    """Every leaf key of the config schema (trainer/config.py), dotted: `data.train_dir`, ..."""
+    import dataclasses
+
+    keys = set()
+    for f in dataclasses.fields(node):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys |= config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.add(prefix + f.name)
+    return keys
+
+
+def test_readme_configuration_table_lists_every_config_key_and_no_other():
+    from trainer.config import Config
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", table, re.MULTILINE))
+    assert documented == config_keys(Config), (
+        f"missing from README: {sorted(config_keys(Config) - documented)}; "
+        f"not in trainer/config.py: {sorted(documented - config_keys(Config))}"
+    )

@@ -305,7 +305,7 @@ def image_dataset(
         )
     # tf.data's autotuner off: with it on, ResNet50 fed by this pipeline ran at times (in about
     # half of the runs, at random) on one core's worth of CPU, its two compute threads taking
-    # turns; with it off, every run used both cores (README, Performance). AUTOTUNE then means
+    # turns; with it off, every run used both cores (docs/performance.md). AUTOTUNE then means
     # min(16, schedulable cores) decode calls, and two batches are read ahead.
     options = tf.data.Options()
     options.autotune.enabled = False

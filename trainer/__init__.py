@@ -72,5 +72,26 @@ def config_error_line(error: BaseException) -> str:
         msg = getattr(cause, "msg", None) or str(cause)
         msg = msg.splitlines()[0] if msg else type(cause).__name__
         return f"{key}: {msg}" if key else msg
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(error).__name__
+    return _joined(str(error)) or type(error).__name__
+
+
+# Where Hydra's report goes on to list its config search path: of no use to the user.
+_SEARCH_PATH = "Config search path:"
+
+
+def _joined(message: str) -> str:
+    """Hydra's multi-line `message` as one line, keeping what the user acts on: a heading
+    ending in ":" takes the lines under it as its list ("Available options in 'experiment':
+    demo, hotdog"), other lines (numbered hints: "3. To sweep over it, add --multirun ...")
+    are joined with "; "."""
+    lines = [line.strip() for line in message.split(_SEARCH_PATH)[0].splitlines()]
+    parts, listing = [], False
+    for line in filter(None, lines):
+        if parts and parts[-1].endswith(":"):
+            parts[-1], listing = f"{parts[-1]} {line}", True
+        elif listing and " " not in line:
+            parts[-1] = f"{parts[-1]}, {line}"
+        else:
+            parts.append(line)
+            listing = False
+    return "; ".join(parts)

@@ -298,6 +298,15 @@ def summary_csv(records: list[dict]) -> str:
     return out.getvalue()
 
 
+def _four_places(value: float | None) -> str:
+    """`value` to four decimals, "" for None; never "-0.0000" (a loss of -0.0, or a rounding
+    of a tiny negative, reads as a sign the value does not have)."""
+    if value is None:
+        return ""
+    text = f"{value:.4f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
 def format_table(records: list[dict]) -> str:
     """The summary as an aligned text table, best first."""
     header = ["point", "status", "exit", "test_acc", "test_loss", "seconds", "overrides"]
@@ -306,8 +315,8 @@ def format_table(records: list[dict]) -> str:
             str(r["point"]),
             r["status"],
             str(r["exit_code"]),
-            "" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}",
-            "" if r["test_loss"] is None else f"{r['test_loss']:.4f}",
+            _four_places(r["test_accuracy"]),
+            _four_places(r["test_loss"]),
             f"{r['wall_seconds']:.0f}",
             r["overrides"],
         ]

@@ -292,7 +292,8 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) ->
     np.add.at(confusion, (labels, predicted), 1)
     return {
         "test_accuracy": float(np.mean(predicted == labels)),
-        "test_loss": float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0)))),
+        # 0.0 - x, not -x: a perfect model's loss is 0.0, not -0.0 (metrics.json, the sweep table)
+        "test_loss": float(0.0 - np.mean(np.log(np.clip(picked, 1e-7, 1.0)))),
         "confusion_matrix": confusion.tolist(),
         "predicted": predicted,
     }

@@ -295,8 +295,8 @@ def trained_run(tmp_path_factory) -> Run:
 @pytest.fixture
 def in_process_run(tmp_path, monkeypatch):
     """For a test that calls `run(cfg)` in this process: gs:// staging caches under tmp_path
-    (storage.cache_dir defaults to $TRAINER_CACHE_DIR), and afterwards the SIGTERM handler and
-    Keras' global dtype policy as they were (the job installs its own of both)."""
+    (storage.cache_dir defaults to $TRAINER_CACHE_DIR), and afterwards the SIGTERM and SIGINT
+    handlers and Keras' global dtype policy as they were (the job installs its own of both)."""
     import signal
 
     import keras
@@ -304,12 +304,13 @@ def in_process_run(tmp_path, monkeypatch):
     from trainer.train import SIGTERM
 
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     policy = keras.mixed_precision.global_policy()
     yield tmp_path / "cache"
-    signal.signal(signal.SIGTERM, handler)
+    for number, handler in handlers.items():  # the job handles SIGTERM and Ctrl-C
+        signal.signal(number, handler)
     keras.mixed_precision.set_dtype_policy(policy)
-    SIGTERM.requested = False
+    SIGTERM.requested = None
 
 
 def free_ports(count: int) -> list[int]:

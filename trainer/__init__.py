@@ -14,7 +14,7 @@ class ExitCode(enum.IntEnum):
     LOST_PEER = 4  # multi-worker: another worker is gone; the Job's retry restarts every worker
     TIME_LIMIT = 5  # train.max_hours reached: metrics written, no export
     DIVERGED = 6  # NaN or inf loss, features or predictions: nothing exported
-    INTERRUPTED = 130  # 128 + SIGINT: the Kubernetes launcher stopped by Ctrl-C or SIGTERM
+    INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (a backup kept); the Kubernetes launcher stopped
     PREEMPTED = 143  # 128 + SIGTERM: stopped with a backup; the same command resumes
 
 
@@ -57,6 +57,12 @@ class Preempted(Exception):
     (trainer/train.py); the Job's retry resumes from it."""
 
     exit_code = ExitCode.PREEMPTED
+
+
+class Interrupted(Preempted):
+    """SIGINT (Ctrl-C): stopped as SIGTERM stops the run, a backup kept, exit 130."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 def config_error_line(error: BaseException) -> str:

@@ -65,7 +65,8 @@ class PointFailed(Exception):
 
 
 class SweepStopped(BaseException):
-    """SIGTERM during a sweep: the pod or machine is going away, so no further point starts.
+    """SIGTERM (the pod or machine is going away) or Ctrl-C during a sweep: no further point
+    starts.
     A BaseException, so Hydra's job runner and callback guards let it through."""
 
 
@@ -179,8 +180,8 @@ class SweepSummary(Callback):
         os.makedirs(points, exist_ok=True)
         with open(os.path.join(points, f"{num}.json"), "w", encoding="utf-8") as f:
             json.dump(record, f)
-        if record["exit_code"] == ExitCode.PREEMPTED:
-            raise SweepStopped(f"SIGTERM during sweep point {num}: no further point starts")
+        if record["exit_code"] in (ExitCode.PREEMPTED, ExitCode.INTERRUPTED):
+            raise SweepStopped(f"stopped during sweep point {num}: no further point starts")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         finish()

@@ -235,3 +235,26 @@ def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp
         "found 2 classes"
         in emulator.client().bucket("cli-log").blob("runs/first/train.log").download_as_text()
     )
+
+
+def test_a_run_leaves_no_autograph_modules_in_its_temp_dir(tmp_path):
+    """The trainer's fast exit skips TensorFlow's atexit clean-up of the modules autograph
+    writes to the temp dir: it removes the ones of its own process itself."""
+    from tests.conftest import AUTOGRAPH_TEMP_FILES, make_folders
+
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    other = temp / f"{AUTOGRAPH_TEMP_FILES}someone_else.py"  # another process's: kept
+    other.write_text("")
+    result = run_trainer(
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        f"output.dir={tmp_path / 'out'}",
+        "train.epochs=1",
+        *SMALL,
+        cwd=tmp_path,
+        env=trainer_env(TMPDIR=str(temp)),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in temp.iterdir()) == [other.name]

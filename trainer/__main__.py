@@ -7,6 +7,7 @@ directory (train.log, .hydra/) is output.dir when one is set (trainer/hydra_run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
@@ -168,11 +169,27 @@ def _leave(code: int) -> None:
     at once"), and it would wait for work still running on other threads (the bad-image scan,
     when building the model failed); neither does anything a user needs (outputs are
     published, their writers closed). Log handlers (train.log) and both streams are flushed
-    first."""
+    first, and autograph's generated modules removed."""
     logging.shutdown()
+    _remove_autograph_files()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# The name TensorFlow's autograph gives the module of each function it converts.
+_AUTOGRAPH_MODULES = "__autograph_generated_file"
+
+
+def _remove_autograph_files() -> None:
+    """Autograph writes each converted function as a module into the temp dir and removes the
+    file at exit (atexit), which os._exit skips. The modules this process loaded (sys.modules
+    names them, with their files) go here: nobody else's, though they share the temp dir."""
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) if name.startswith(_AUTOGRAPH_MODULES) else None
+        if path:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 if __name__ == "__main__":

@@ -258,3 +258,19 @@ def test_a_run_leaves_no_autograph_modules_in_its_temp_dir(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in temp.iterdir()) == [other.name]
+
+
+def test_tensorboard_on_gcs_without_credentials_is_one_line_exit_2(tmp_path):
+    """Not an empty page while TensorBoard's data server panics: the trainer's GCS client
+    tries the folder first. No emulator, and credentials that point nowhere."""
+    env = {k: v for k, v in trainer_env().items() if k != "STORAGE_EMULATOR_HOST"}
+    env |= {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}  # no gcloud login of the machine's
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "missing.json")
+    result = run_module(
+        "trainer.tensorboard", "--logdir", "gs://bucket/runs", cwd=tmp_path, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_error_line(result).startswith(
+        "trainer.tensorboard: error: --logdir=gs://bucket/runs: no Google Cloud credentials"
+    )
+    assert "panicked" not in result.stderr and "Traceback" not in result.stderr

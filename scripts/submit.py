@@ -112,11 +112,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise SubmitError("train.max_hours: pass --max-hours instead (it also sizes the deadline)")
     if args.dry_run:  # placeholders are fine for reading the manifests
         return
-    if args.image == kube.PLACEHOLDER_IMAGE:
-        raise SubmitError(
-            f"--image: {args.image} is a placeholder: pass --image REGISTRY/trainer:TAG "
-            "(or set TRAINER_IMAGE) with the image you pushed"
-        )
+    try:
+        kube.check_image(args.image, flag="--image")
+    except TrainerError as error:
+        raise SubmitError(str(error)) from error
     if args.gsa == kube.PLACEHOLDER_GSA:
         raise SubmitError(
             f"--gsa: {args.gsa} is a placeholder: pass --gsa NAME@PROJECT.iam.gserviceaccount.com, "
@@ -219,9 +218,53 @@ def follow_up(args: argparse.Namespace) -> list[str]:
     return [
         f"kubectl{ns} get job {args.name} -w",
         f"kubectl{ns} logs -f {pods} --prefix --max-log-requests 20",
-        f"python -m trainer.tensorboard --logdir {logdir}  # from a laptop with gcloud credentials",
+        f"python -m trainer.tensorboard --logdir {logdir}   # from a laptop with gcloud login",
         f"scripts/tensorboard.sh {logdir}      # or in the cluster, port-forwarded to :6006",
     ]
+
+
+# How kubectl says it never reached the API server (its own hint, --validate=false, cannot help).
+_UNREACHABLE = re.compile(
+    r"Unable to connect to the server: [^;\n]*|dial tcp [^;\"\n]*"
+    r"|[^;:\"\n]*(?:no such host|i/o timeout|TLS handshake timeout|connection refused)"
+)
+
+
+def apply(documents: str) -> int:
+    """`kubectl apply -f -` of `documents`: kubectl's exit code, its errors passed on; a
+    cluster kubectl cannot reach is a SubmitError (exit 2) naming the context and server."""
+    applied = subprocess.run(
+        ["kubectl", "apply", "-f", "-"], input=documents, text=True, stderr=subprocess.PIPE
+    )
+    unreachable = _UNREACHABLE.search(applied.stderr) if applied.returncode else None
+    if unreachable:
+        raise SubmitError(
+            f"kubectl cannot reach the cluster ({current_context()}): {unreachable.group(0)};"
+            " nothing was submitted; check `kubectl config current-context` (GKE: gcloud"
+            " container clusters get-credentials CLUSTER) and that the cluster is up"
+        )
+    sys.stderr.write(applied.stderr)
+    return applied.returncode
+
+
+def current_context() -> str:
+    """kubectl's current context and its server, as a phrase."""
+    view = subprocess.run(
+        [
+            "kubectl",
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.current-context} {.clusters[0].cluster.server}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    context, _, server = view.stdout.strip().partition(" ")
+    if view.returncode or not context:
+        return "no current kubectl context"
+    return f"context {context}, server {server}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.OK
         if shutil.which("kubectl") is None:
             raise SubmitError("kubectl not found on PATH (use --dry-run to print the manifests)")
-        applied = subprocess.run(["kubectl", "apply", "-f", "-"], input=documents, text=True)
-        if applied.returncode != 0:
-            return applied.returncode
+        code = apply(documents)
+        if code != 0:
+            return code
     except SubmitError as error:
         print(f"submit: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -16,6 +16,7 @@ from tests.conftest import SMALL, last_error_line, run_module, run_trainer, trai
 from trainer import (
     BelowMinAccuracy,
     Diverged,
+    Interrupted,
     LostPeer,
     Preempted,
     TimeLimitReached,
@@ -253,7 +254,8 @@ def test_gcs_output_dir_gets_the_log_with_the_outputs(emulator, trained_run, tmp
         (LostPeer("UnavailableError: gone"), 4, "trainer: lost a peer worker: UnavailableError"),
         (TimeLimitReached("train.max_hours=1 reached"), 5, "trainer: train.max_hours=1 reached"),
         (Diverged("the training loss became nan"), 6, "trainer: diverged: the training loss"),
-        (Preempted("SIGTERM"), 143, "trainer: stopped: SIGTERM; run again with the same output"),
+        (Preempted("SIGTERM"), 143, "trainer: stopped: SIGTERM; to resume, run: python -m trainer"),
+        (Interrupted("SIGINT"), 130, "trainer: interrupted (Ctrl-C): SIGINT; to resume, run: "),
     ],
 )
 def test_each_error_of_the_job_is_its_exit_code_and_one_line(
@@ -273,3 +275,42 @@ def test_each_error_of_the_job_is_its_exit_code_and_one_line(
         _hydra_main(cfg)
     assert exited.value.code == code == error.exit_code
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)
+
+
+def test_a_run_leaves_no_autograph_modules_in_its_temp_dir(tmp_path):
+    """The trainer's fast exit skips TensorFlow's atexit clean-up of the modules autograph
+    writes to the temp dir: it removes the ones of its own process itself."""
+    from tests.conftest import AUTOGRAPH_TEMP_FILES, make_folders
+
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    other = temp / f"{AUTOGRAPH_TEMP_FILES}someone_else.py"  # another process's: kept
+    other.write_text("")
+    result = run_trainer(
+        f"data.train_dir={train_dir}",
+        f"data.test_dir={test_dir}",
+        f"output.dir={tmp_path / 'out'}",
+        "train.epochs=1",
+        *SMALL,
+        cwd=tmp_path,
+        env=trainer_env(TMPDIR=str(temp)),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in temp.iterdir()) == [other.name]
+
+
+def test_tensorboard_on_gcs_without_credentials_is_one_line_exit_2(tmp_path):
+    """Not an empty page while TensorBoard's data server panics: the trainer's GCS client
+    tries the folder first. No emulator, and credentials that point nowhere."""
+    env = {k: v for k, v in trainer_env().items() if k != "STORAGE_EMULATOR_HOST"}
+    env |= {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}  # no gcloud login of the machine's
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "missing.json")
+    result = run_module(
+        "trainer.tensorboard", "--logdir", "gs://bucket/runs", cwd=tmp_path, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_error_line(result).startswith(
+        "trainer.tensorboard: error: --logdir=gs://bucket/runs: no Google Cloud credentials"
+    )
+    assert "panicked" not in result.stderr and "Traceback" not in result.stderr

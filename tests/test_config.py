@@ -38,6 +38,23 @@ def test_misspelt_key_or_wrong_type_exits_2_with_one_line_naming_the_key(tmp_pat
 
 
 @pytest.mark.parametrize(
+    "override, says",
+    [
+        # Hydra lists the options on the lines after its heading: they belong in the one line.
+        ("experiment=dem", "Available options in 'experiment': demo, hotdog"),
+        # Hydra's third hint is the one a user meant: keep it.
+        ("model.dropout=0.1,0.2", "3. To sweep over it, add --multirun to your command line"),
+    ],
+)
+def test_config_errors_keep_what_the_user_acts_on_in_their_one_line(tmp_path, override, says):
+    result = run_trainer(override, "data.train_dir=x", cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert says in last_error_line(result)
+    assert "Config search path" not in result.stderr
+
+
+@pytest.mark.parametrize(
     "override, key",
     [
         ("data.image_size=16", "data.image_size"),

@@ -288,7 +288,8 @@ def test_sigterm_to_pid_1_leaves_a_backup_and_exit_143_and_a_new_pod_resumes(
         process.wait(timeout=120)
     stderr = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 143, stderr[-3000:]
-    assert "run again with the same output.dir to resume" in last_error_line_of(stderr)
+    assert "to resume, run: python -m trainer " in last_error_line_of(stderr)
+    assert last_error_line_of(stderr).endswith(" output.dir=/bucket/run")
     backup = bucket / "run" / "backup" / "head" / "training_metadata.json"
     metadata = json.loads(backup.read_text())
     assert not (bucket / "run" / "_SUCCESS").exists()

@@ -550,3 +550,63 @@ def test_the_manifest_module_loads_without_tensorflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_manifest_module_says_what_it_prints_on_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.kube", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m trainer.kube")
+    assert "TFJob" in result.stdout and "apiVersion" not in result.stdout
+
+
+def test_the_tensorboard_script_refuses_the_placeholder_image_as_submit_does(tmp_path):
+    log = tmp_path / "kubectl.log"
+    bin_dir = fake_kubectl(tmp_path / "bin", log)
+    environ = {k: v for k, v in os.environ.items() if k != "TRAINER_IMAGE"}
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "tensorboard.sh"), "gs://bucket/runs"],
+        capture_output=True,
+        text=True,
+        env=environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == last_error_line(result)  # one line
+    assert kube.PLACEHOLDER_IMAGE in result.stderr and "placeholder" in result.stderr
+    assert not log.exists()  # nothing applied
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl on PATH")
+def test_a_submit_to_a_cluster_kubectl_cannot_reach_is_one_line_naming_the_context(tmp_path):
+    """Real kubectl, pointed at a port nothing listens on: not its --validate=false hint."""
+    from tests.conftest import free_ports
+
+    (port,) = free_ports(1)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "gone", "cluster": {"server": f"https://127.0.0.1:{port}"}}],
+                "contexts": [{"name": "gone-ctx", "context": {"cluster": "gone", "user": "u"}}],
+                "current-context": "gone-ctx",
+                "users": [{"name": "u", "user": {"token": "x"}}],
+            }
+        )
+    )
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "submit.py"), *REAL, "--", *BASE],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == last_error_line(result)  # one line
+    line = last_error_line(result)
+    assert line.startswith("submit: error: kubectl cannot reach the cluster (context gone-ctx")
+    assert f"127.0.0.1:{port}" in line and "--validate=false" not in line

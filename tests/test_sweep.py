@@ -79,6 +79,15 @@ def test_sweep_csv_and_its_table_list_the_best_point_first():
     assert [line.split()[0] for line in table[1:]] == ["3", "2", "4", "0", "1"]
 
 
+def test_the_sweep_table_never_prints_a_negative_zero():
+    """A perfect point's loss (-0.0 from metrics written before the fix, or a rounding) reads 0."""
+    from trainer.sweep import format_table
+
+    table = format_table([_record(0, 1.0, -0.0), _record(1, 1.0, -0.00001)])
+    assert "-0.0000" not in table
+    assert [line.split()[4] for line in table.splitlines()[1:]] == ["0.0000", "0.0000"]
+
+
 def test_failing_points_are_reported_the_sweep_goes_on_and_exits_with_the_first_ones_code(
     folders, tmp_path
 ):

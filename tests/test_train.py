@@ -224,3 +224,12 @@ def test_a_test_accuracy_equal_to_train_min_accuracy_passes_the_gate(tmp_path):
         gate(accuracy, min_accuracy=accuracy)
     with pytest.raises(BelowMinAccuracy, match="is below train.min_accuracy=0.75"):
         gate(0.7499, min_accuracy=0.75)
+
+
+def test_a_perfect_models_test_loss_is_zero_not_minus_zero():
+    import math
+
+    from trainer.train import evaluate
+
+    result = evaluate(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), num_classes=2)
+    assert result["test_loss"] == 0.0 and math.copysign(1.0, result["test_loss"]) == 1.0

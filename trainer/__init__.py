@@ -14,7 +14,7 @@ class ExitCode(enum.IntEnum):
     LOST_PEER = 4  # multi-worker: another worker is gone; the Job's retry restarts every worker
     TIME_LIMIT = 5  # train.max_hours reached: metrics written, no export
     DIVERGED = 6  # NaN or inf loss, features or predictions: nothing exported
-    INTERRUPTED = 130  # 128 + SIGINT: the Kubernetes launcher stopped by Ctrl-C or SIGTERM
+    INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (a backup kept); the Kubernetes launcher stopped
     PREEMPTED = 143  # 128 + SIGTERM: stopped with a backup; the same command resumes
 
 
@@ -59,6 +59,12 @@ class Preempted(Exception):
     exit_code = ExitCode.PREEMPTED
 
 
+class Interrupted(Preempted):
+    """SIGINT (Ctrl-C): stopped as SIGTERM stops the run, a backup kept, exit 130."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 def config_error_line(error: BaseException) -> str:
     """One line naming the key, from Hydra's and OmegaConf's multi-line messages (the trainer's
     and scripts/submit.py's config errors)."""
@@ -72,5 +78,26 @@ def config_error_line(error: BaseException) -> str:
         msg = getattr(cause, "msg", None) or str(cause)
         msg = msg.splitlines()[0] if msg else type(cause).__name__
         return f"{key}: {msg}" if key else msg
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(error).__name__
+    return _joined(str(error)) or type(error).__name__
+
+
+# Where Hydra's report goes on to list its config search path: of no use to the user.
+_SEARCH_PATH = "Config search path:"
+
+
+def _joined(message: str) -> str:
+    """Hydra's multi-line `message` as one line, keeping what the user acts on: a heading
+    ending in ":" takes the lines under it as its list ("Available options in 'experiment':
+    demo, hotdog"), other lines (numbered hints: "3. To sweep over it, add --multirun ...")
+    are joined with "; "."""
+    lines = [line.strip() for line in message.split(_SEARCH_PATH)[0].splitlines()]
+    parts, listing = [], False
+    for line in filter(None, lines):
+        if parts and parts[-1].endswith(":"):
+            parts[-1], listing = f"{parts[-1]} {line}", True
+        elif listing and " " not in line:
+            parts[-1] = f"{parts[-1]}, {line}"
+        else:
+            parts.append(line)
+            listing = False
+    return "; ".join(parts)

@@ -7,11 +7,13 @@ directory (train.log, .hydra/) is output.dir when one is set (trainer/hydra_run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
 import logging
 import os
+import shlex
 import sys
 
 # TensorFlow and Keras build large object graphs: their modules at import, FuncGraphs and layers
@@ -33,6 +35,7 @@ from trainer import (  # noqa: E402
     BelowMinAccuracy,
     Diverged,
     ExitCode,
+    Interrupted,
     LostPeer,
     Preempted,
     TimeLimitReached,
@@ -78,18 +81,35 @@ def _hydra_main(cfg: DictConfig) -> float:
         known, line = _known(error)
         if known is None:
             raise
-        _fail(known.exit_code, line.format(known), error)
+        _fail(known.exit_code, line.format(known, resume=resume_command(cfg)), error)
+    except KeyboardInterrupt as error:  # Ctrl-C twice, or once before the job's handler
+        line = "trainer: interrupted (Ctrl-C): stopped at once; to resume (from the last backup"
+        _fail(ExitCode.INTERRUPTED, f"{line}, if any), run: {resume_command(cfg)}", error)
     finally:
         hydra_run.undo_unused_run_dir()
 
 
-# The last line a single run prints on stderr for each error with an exit code of its own.
+def resume_command(cfg: DictConfig) -> str:
+    """The command that resumes this run: its overrides as given, with output.dir set to the
+    folder this run wrote (absolute, when local). The same command alone would not do without
+    an output.dir: Hydra's default folder (outputs/DATE/TIME) is a new one at every start."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] != "output.dir"]
+    out = str(cfg.output.dir)
+    out = out if out.startswith("gs://") else os.path.abspath(out)
+    return shlex.join(["python", "-m", "trainer", *given, f"output.dir={out}"])
+
+
+# The last line a single run prints on stderr for each error with an exit code of its own;
+# {resume} is the command that resumes the run from its backup (resume_command).
 _LINES = {
     TrainerError: "trainer: error: {}",
     BelowMinAccuracy: "trainer: {}",
-    TimeLimitReached: "trainer: {}",
+    TimeLimitReached: "trainer: {}; backup kept; to resume, run: {resume}",
     Diverged: "trainer: diverged: {}",
-    Preempted: "trainer: stopped: {}; run again with the same output.dir to resume",
+    Interrupted: "trainer: interrupted (Ctrl-C): {}; to resume, run: {resume}",  # before Preempted
+    Preempted: "trainer: stopped: {}; to resume, run: {resume}",
     LostPeer: "trainer: lost a peer worker: {}; the Job's retry restarts every worker",
 }
 
@@ -134,6 +154,8 @@ def _main() -> None:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
         _exit(ExitCode.USER_ERROR, f"trainer: config error: {config_error_line(error)}")
+    except KeyboardInterrupt:  # Ctrl-C outside a run (Hydra composing the config): one line
+        _exit(ExitCode.INTERRUPTED, "trainer: interrupted (Ctrl-C)")
     except (Exception, sweep.SweepStopped):  # the sweeper re-raised a point's error
         if not sweep.started():
             raise
@@ -147,11 +169,27 @@ def _leave(code: int) -> None:
     at once"), and it would wait for work still running on other threads (the bad-image scan,
     when building the model failed); neither does anything a user needs (outputs are
     published, their writers closed). Log handlers (train.log) and both streams are flushed
-    first."""
+    first, and autograph's generated modules removed."""
     logging.shutdown()
+    _remove_autograph_files()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# The name TensorFlow's autograph gives the module of each function it converts.
+_AUTOGRAPH_MODULES = "__autograph_generated_file"
+
+
+def _remove_autograph_files() -> None:
+    """Autograph writes each converted function as a module into the temp dir and removes the
+    file at exit (atexit), which os._exit skips. The modules this process loaded (sys.modules
+    names them, with their files) go here: nobody else's, though they share the temp dir."""
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) if name.startswith(_AUTOGRAPH_MODULES) else None
+        if path:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class TrainConfig:
     learning_rate: float = 1e-3  # Adam, for the head
     min_accuracy: float | None = None  # below it: metrics written, no export, exit code 3
     max_hours: float | None = None  # per-run limit: stop, evaluate, no export, exit 5 (sweeps)
-    feature_cache_max_mb: int = 1024  # larger feature sets spill to a file under output.dir
+    feature_cache_max_mb: int = 1024  # MB; bigger features spill to the local run folder, not gs://
     finetune_epochs: int = 0  # > 0: a second phase that unfreezes the backbone from finetune_from
     finetune_from: str = "conv5_block1_1_conv"  # ResNet50's last stage; earlier layers overfit
     finetune_learning_rate: float = 1e-5  # low, so the pretrained features are nudged, not lost

@@ -46,6 +46,18 @@ PLACEHOLDER_IMAGE = "ghcr.io/example/trainer:0.1.0"
 PLACEHOLDER_GSA = "trainer@PROJECT.iam.gserviceaccount.com"
 SERVICE_ACCOUNT = "trainer"
 
+
+def check_image(image: str, *, flag: str, usage: str | None = None) -> None:
+    """Refuse the placeholder image (TrainerError naming `flag`, where the user passes the
+    image, and `usage`, how to pass one): a pod that pulls it never starts.
+    scripts/submit.py (outside --dry-run) and scripts/tensorboard.sh apply nothing with it."""
+    if image == PLACEHOLDER_IMAGE:
+        raise TrainerError(
+            f"{flag}: {image} is a placeholder: pass {usage or f'{flag} REGISTRY/trainer:TAG'} "
+            "(or set TRAINER_IMAGE) with the image you pushed"
+        )
+
+
 # What a retry cannot change: bad config/data, below min_accuracy, max_hours reached, diverged.
 EXIT_PERMANENT = [
     int(code)  # YAML's safe dumper writes plain ints only
@@ -387,5 +399,17 @@ def tfjob_example_text() -> str:
     return TFJOB_HEADER + yaml.safe_dump(manifest, sort_keys=False)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """`python -m trainer.kube`: print k8s/tfjob.yaml (`--help`: what it does)."""
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m trainer.kube",
+        description="Print the Kubeflow TFJob example (k8s/tfjob.yaml) rendered from the same "
+        "pod as scripts/submit.py's Jobs: python -m trainer.kube > k8s/tfjob.yaml",
+    ).parse_args(argv)
     print(tfjob_example_text(), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -135,6 +135,11 @@ class Output:
         for gs://, fetch an unfinished run's backup and start the background sync."""
         found = self.check()
         resume = not self.overwrite and self.has_backup()
+        if resume:
+            # What the stopped attempt wrote (metrics.json at train.max_hours) is replaced when
+            # this run writes its own: say so, it is not silent.
+            left = f"; this run replaces its {', '.join(found)}" if found else ""
+            log.info("output.dir=%s: resuming the unfinished run from its backup%s", self.uri, left)
         if self.remote:
             if found and self.overwrite:
                 self._delete_remote_outputs()

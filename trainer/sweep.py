@@ -65,7 +65,8 @@ class PointFailed(Exception):
 
 
 class SweepStopped(BaseException):
-    """SIGTERM during a sweep: the pod or machine is going away, so no further point starts.
+    """SIGTERM (the pod or machine is going away) or Ctrl-C during a sweep: no further point
+    starts.
     A BaseException, so Hydra's job runner and callback guards let it through."""
 
 
@@ -179,8 +180,8 @@ class SweepSummary(Callback):
         os.makedirs(points, exist_ok=True)
         with open(os.path.join(points, f"{num}.json"), "w", encoding="utf-8") as f:
             json.dump(record, f)
-        if record["exit_code"] == ExitCode.PREEMPTED:
-            raise SweepStopped(f"SIGTERM during sweep point {num}: no further point starts")
+        if record["exit_code"] in (ExitCode.PREEMPTED, ExitCode.INTERRUPTED):
+            raise SweepStopped(f"stopped during sweep point {num}: no further point starts")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         finish()
@@ -298,6 +299,15 @@ def summary_csv(records: list[dict]) -> str:
     return out.getvalue()
 
 
+def _four_places(value: float | None) -> str:
+    """`value` to four decimals, "" for None; never "-0.0000" (a loss of -0.0, or a rounding
+    of a tiny negative, reads as a sign the value does not have)."""
+    if value is None:
+        return ""
+    text = f"{value:.4f}"
+    return text.lstrip("-") if float(text) == 0 else text
+
+
 def format_table(records: list[dict]) -> str:
     """The summary as an aligned text table, best first."""
     header = ["point", "status", "exit", "test_acc", "test_loss", "seconds", "overrides"]
@@ -306,8 +316,8 @@ def format_table(records: list[dict]) -> str:
             str(r["point"]),
             r["status"],
             str(r["exit_code"]),
-            "" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}",
-            "" if r["test_loss"] is None else f"{r['test_loss']:.4f}",
+            _four_places(r["test_accuracy"]),
+            _four_places(r["test_loss"]),
             f"{r['wall_seconds']:.0f}",
             r["overrides"],
         ]

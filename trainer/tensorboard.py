@@ -150,7 +150,50 @@ def write_hparams(log_dir: str, hparams: dict, metrics: dict) -> None:
             tf.summary.scalar(name, value, step=0)
 
 
-if __name__ == "__main__":
+def gcs_logdirs(argv: list[str]) -> list[str]:
+    """The gs:// folders among TensorBoard's --logdir and --logdir_spec (name:path,...) values."""
+    values = []
+    for i, arg in enumerate(argv):
+        for flag in ("--logdir", "--logdir_spec"):
+            if arg == flag and i + 1 < len(argv):
+                values.append(argv[i + 1])
+            elif arg.startswith(f"{flag}="):
+                values.append(arg.split("=", 1)[1])
+    parts = [part for value in values for part in value.split(",")]
+    return [part[part.index("gs://") :] for part in parts if "gs://" in part]
+
+
+def check_gcs_access(logdirs: list[str]) -> None:
+    """TrainerError naming --logdir unless the trainer's GCS client (credentials, or the
+    emulator of STORAGE_EMULATOR_HOST) can list each folder: without credentials TensorBoard
+    shows an empty page while its data server panics."""
+    from trainer.gcs import READER_ROLE, client, retry, split_uri, user_errors
+
+    for uri in logdirs:
+        bucket, prefix = split_uri(uri, "--logdir")
+        with user_errors(uri, "--logdir", READER_ROLE):
+            blobs = client().list_blobs(bucket, prefix=prefix, max_results=1, retry=retry(30))
+            next(iter(blobs), None)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m trainer.tensorboard ARGS`: TensorBoard with ARGS, once a gs:// --logdir is
+    known to be readable (else one line and exit 2)."""
+    import sys
+
+    from trainer import TrainerError
+
+    try:
+        check_gcs_access(gcs_logdirs(argv))
+    except TrainerError as error:
+        print(f"trainer.tensorboard: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     from tensorboard.main import run_main
 
     run_main()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

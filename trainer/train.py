@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from trainer import Diverged, Preempted, TimeLimitReached
+from trainer import Diverged, Interrupted, Preempted, TimeLimitReached
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,17 @@ class EpochLog(keras.callbacks.Callback):
         )
 
 
-class _Sigterm:
-    """SIGTERM stops the job at the next safe point: a training step's end (so the backup
-    written on the way out is consistent), a prediction batch's end, or a phase boundary
-    (`check`). The handler itself only records the request: an exception raised from it at an
-    arbitrary point lands inside Keras or autograph, which catch or wrap it (seen as a crash
-    building a model, and as a signal lost while tracing)."""
+class _StopSignals:
+    """SIGTERM (preemption, eviction) and SIGINT (Ctrl-C) stop the job at the next safe point:
+    a training step's end (so the backup written on the way out is consistent), a prediction
+    batch's end, or a phase boundary (`check`). The handler itself only records which signal
+    arrived: an exception raised from it at an arbitrary point lands inside Keras or autograph,
+    which catch or wrap it (seen as a crash building a model, and as a signal lost while
+    tracing). A second Ctrl-C does not wait: it raises KeyboardInterrupt, which `__main__`
+    turns into the same one line."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = None  # the name of the signal that arrived (SIGTERM, SIGINT)
 
     def install(self) -> None:
         """(Re)install the handler. TensorFlow's multi-worker runtime installs a C-level SIGTERM
@@ -63,14 +65,24 @@ class _Sigterm:
         `signal.getsignal` does not show: install after that, and again before each fit."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # not a background job's
+                signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C again: stop now
+        self.requested = signal.Signals(signum).name
+
+    def stopped(self, detail: str = "") -> Preempted:
+        """The error that ends the run for the signal that arrived: Interrupted (exit 130) for
+        Ctrl-C, Preempted (exit 143) for SIGTERM; `detail` is added to its message."""
+        kind = Interrupted if self.requested == "SIGINT" else Preempted
+        return kind(f"{self.requested} received{detail}")
 
     def check(self) -> None:
-        """Raise Preempted if SIGTERM arrived: call between phases."""
+        """Raise Preempted (or Interrupted) if a stop signal arrived: call between phases."""
         if self.requested:
-            raise Preempted("SIGTERM received")
+            raise self.stopped()
 
     @contextlib.contextmanager
     def during_fit(self):
@@ -79,7 +91,7 @@ class _Sigterm:
         yield
 
 
-SIGTERM = _Sigterm()
+SIGTERM = _StopSignals()  # the name is older than Ctrl-C's handling
 
 
 class Backup(keras.callbacks.BackupAndRestore):
@@ -105,20 +117,30 @@ class Backup(keras.callbacks.BackupAndRestore):
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
 
+    def on_train_end(self, logs=None):
+        """Keras removes the backup once `fit` returns; a fit stopped before its last epoch
+        (`stop_training`: train.max_hours) keeps it, saved as of now, for the rerun to resume."""
+        if not self.model.stop_training:
+            super().on_train_end(logs)
+            return
+        self._save_model()
+        log.info("%s stopped early: backup kept in %s", self.phase, self.backup_dir)
+
     def save_now(self) -> None:
         self._save_model()
 
 
 class StopPredictingOnSigterm(keras.callbacks.Callback):
     """`predict` (the backbone pass, evaluation on images) stops after the batch in which
-    SIGTERM arrived: nothing to save, and a backbone pass can take minutes."""
+    SIGTERM (or Ctrl-C) arrived: nothing to save, and a backbone pass can take minutes."""
 
     def on_predict_batch_end(self, batch, logs=None):
         SIGTERM.check()
 
 
 class StopOnSigterm(keras.callbacks.Callback):
-    """After the step in which SIGTERM arrived: write the backup, flush TensorBoard, stop."""
+    """After the step in which SIGTERM (or Ctrl-C) arrived: write the backup, flush
+    TensorBoard, stop."""
 
     def __init__(self, backup: Backup, tensorboard: keras.callbacks.TensorBoard):
         super().__init__()
@@ -132,7 +154,7 @@ class StopOnSigterm(keras.callbacks.Callback):
                 writer = self.tensorboard.__dict__.get(name)
                 if writer is not None:
                     writer.flush()
-            raise Preempted(f"SIGTERM received; backup written to {self.backup.backup_dir}")
+            raise SIGTERM.stopped(f"; backup written to {self.backup.backup_dir}")
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -292,7 +314,8 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) ->
     np.add.at(confusion, (labels, predicted), 1)
     return {
         "test_accuracy": float(np.mean(predicted == labels)),
-        "test_loss": float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0)))),
+        # 0.0 - x, not -x: a perfect model's loss is 0.0, not -0.0 (metrics.json, the sweep table)
+        "test_loss": float(0.0 - np.mean(np.log(np.clip(picked, 1e-7, 1.0)))),
         "confusion_matrix": confusion.tolist(),
         "predicted": predicted,
     }

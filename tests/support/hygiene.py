@@ -113,8 +113,8 @@ def _descendants(root: int) -> list[str]:
 def in_process_run(tmp_path, monkeypatch):
     """For a test that calls `run(cfg)` (or other job code) in this process: gs:// staging
     caches under tmp_path (storage.cache_dir defaults to $TRAINER_CACHE_DIR), and afterwards the
-    process as a fresh one would be: the SIGTERM handler and Keras' global dtype policy as they
-    were (the job installs its own of both), the process-wide caches a local sweep's next point
+    process as a fresh one would be: the SIGTERM and SIGINT handlers and Keras' global dtype
+    policy as they were (the job installs its own of each), the process-wide caches a local sweep's next point
     would reuse (the bad-image probe's findings, the last folded backbone) emptied, and Keras'
     graph state cleared, so no test sees what an earlier one left."""
     import signal
@@ -124,13 +124,14 @@ def in_process_run(tmp_path, monkeypatch):
     from trainer.train import SIGTERM
 
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     policy = keras.mixed_precision.global_policy()
     forget_process_caches()
     yield tmp_path / "cache"
-    signal.signal(signal.SIGTERM, handler)
+    for number, handler in handlers.items():  # the job handles SIGTERM and Ctrl-C
+        signal.signal(number, handler)
     keras.mixed_precision.set_dtype_policy(policy)
-    SIGTERM.requested = False
+    SIGTERM.requested = None
     forget_process_caches()
     keras.backend.clear_session()
     gc.collect()

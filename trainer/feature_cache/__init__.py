@@ -21,7 +21,8 @@ The cache (`storage.feature_cache`) is a local folder or a gs:// prefix holding
     <key>.claim      a run is computing <key>; others wait for it (claims.py)
     scan-<...>.json  the bad-image scan's findings over a listing
 
-Every entry is written atomically and ends with a digest that readers check (entries.py).
+Every entry is written atomically and ends with a digest that readers check (entries.py), which
+also lists and removes them for `python -m trainer.cache`: nothing evicts entries on its own.
 Nothing here imports TensorFlow.
 """
 
@@ -41,9 +42,12 @@ import numpy as np
 from trainer.feature_cache.claims import cached_features
 from trainer.feature_cache.entries import (
     FOOTER,
+    Entry,
     cache_errors,
+    entries,
     load_text,
     lookup,
+    remove,
     store,
     store_text,
 )
@@ -52,15 +56,18 @@ __all__ = [  # what the rest of the trainer (and the tests) use
     "FOOTER",
     "IMAGENET_NOTOP_MD5",
     "Backbone",
+    "Entry",
     "RunCache",
     "ScanEntry",
     "cache_errors",
     "cached_features",
+    "entries",
     "feature_key",
     "file_digests",
     "listing_digests",
     "load_text",
     "lookup",
+    "remove",
     "scan_findings",
     "split_features",
     "store",

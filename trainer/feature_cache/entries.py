@@ -17,6 +17,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,54 @@ from trainer.gcs import WRITER_ROLE, client, is_gcs, retry, split_uri, user_erro
 log = logging.getLogger("trainer.feature_cache")  # one name in the log for the whole cache
 
 FOOTER = b"TRAINER-SHA256:"  # + the hex SHA-256 of every byte before it
+# What each entry of the cache is, by its name's ending (the package's docstring has the layout);
+# names starting with "." are writes in progress, never entries.
+KINDS = {".npy": "features", ".json": "scan findings", ".claim": "claim"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a cache as `entries` lists it: its `name` in the cache, what it is
+    (`kind`, a value of KINDS), its size in bytes and when it was written (epoch seconds)."""
+
+    name: str
+    kind: str
+    size: int
+    written: float
+
+
+def entries(cache_uri: str) -> list[Entry]:
+    """Every entry of the cache at `cache_uri` (a folder or gs:// prefix), oldest first; none
+    for a folder that does not exist."""
+    found = []
+    if not is_gcs(cache_uri):
+        with contextlib.suppress(FileNotFoundError), os.scandir(cache_uri) as listing:
+            for item in listing:
+                kind = _kind(item.name)
+                if kind and item.is_file():
+                    stat = item.stat()
+                    found.append(Entry(item.name, kind, stat.st_size, stat.st_mtime))
+    else:
+        bucket, prefix = split_uri(cache_uri, "storage.feature_cache")
+        start = f"{prefix}/" if prefix else ""
+        with user_errors(cache_uri, "storage.feature_cache", WRITER_ROLE):
+            for blob in client().list_blobs(bucket, prefix=start, delimiter="/", retry=retry()):
+                name = blob.name[len(start) :]
+                if _kind(name):
+                    found.append(Entry(name, _kind(name), blob.size, blob.updated.timestamp()))
+    return sorted(found, key=lambda entry: entry.written)
+
+
+def _kind(name: str) -> str | None:
+    if name.startswith("."):
+        return None
+    return next((kind for end, kind in KINDS.items() if name.endswith(end)), None)
+
+
+def remove(cache_uri: str, entry: Entry) -> None:
+    """Remove `entry` from the cache (gone already: nothing to do). A run reading it meanwhile
+    keeps its open copy locally, or finds a miss and computes it again."""
+    _remove(cache_uri, entry.name)
 
 
 def gcs_object(cache_uri: str, name: str):

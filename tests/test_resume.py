@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import tensorflow as tf
 
 from tests.conftest import SMALL, Lines, run_trainer, start_trainer, stopped_on_exit

@@ -114,9 +114,9 @@ def in_process_run(tmp_path, monkeypatch):
     """For a test that calls `run(cfg)` (or other job code) in this process: gs:// staging
     caches under tmp_path (storage.cache_dir defaults to $TRAINER_CACHE_DIR), and afterwards the
     process as a fresh one would be: the SIGTERM and SIGINT handlers and Keras' global dtype
-    policy as they were (the job installs its own of each), the process-wide caches a local sweep's next point
-    would reuse (the bad-image probe's findings, the last folded backbone) emptied, and Keras'
-    graph state cleared, so no test sees what an earlier one left."""
+    policy as they were (the job installs its own of each), the process-wide caches a local
+    sweep's next point would reuse (the bad-image probe's findings, the last folded backbone)
+    emptied, and Keras' graph state cleared, so no test sees what an earlier one left."""
     import signal
 
     import keras

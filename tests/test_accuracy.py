@@ -32,6 +32,7 @@ def digits(tmp_path_factory) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from trainer.data import load_splits
+    from trainer.distribute import choose_precision
     from trainer.features import extract_features
     from trainer.model import build_backbone, build_model, feature_extractor
 
@@ -52,19 +53,28 @@ def digits(tmp_path_factory) -> dict:
     keras.utils.set_random_seed(7)
     weights = root / "backbone.weights.h5"
     build_backbone(SIZE, None).save_weights(weights)
-    model = build_model(DIGITS, SIZE, str(weights), dropout=0.0)
-    extractor = feature_extractor(model)
-    _, train, test = load_splits(str(root / "train"), str(root / "test"), 0.2, seed=0)
-    features = {
-        name: extract_features(extractor, split, SIZE, 32, 1024, str(root), name)
-        for name, split in (("train", train), ("test", test))
-    }
+    # The reference's features in the precision a run at the defaults computes them in
+    # (train.precision=auto: mixed_bfloat16 on a CPU with native bf16, float32 elsewhere).
+    policy = keras.mixed_precision.global_policy()
+    precision = choose_precision("auto")
+    try:
+        model = build_model(DIGITS, SIZE, str(weights), dropout=0.0)
+        extractor = feature_extractor(model)
+        _, train, test = load_splits(str(root / "train"), str(root / "test"), 0.2, seed=0)
+        features = {
+            name: np.asarray(
+                extract_features(extractor, split, SIZE, 32, 1024, str(root), name), np.float32
+            )
+            for name, split in (("train", train), ("test", test))
+        }
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
     scaler = StandardScaler().fit(features["train"])
     reference = LogisticRegression(max_iter=5000).fit(
         scaler.transform(features["train"]), train.labels
     )
     accuracy = np.mean(reference.predict(scaler.transform(features["test"])) == test.labels)
-    return {"root": root, "weights": weights, "reference": float(accuracy)}
+    return {"root": root, "weights": weights, "reference": float(accuracy), "precision": precision}
 
 
 @pytest.mark.parametrize(("epochs", "tolerance"), [(5, 0.02), (None, 0.01)], ids=["5", "default"])
@@ -80,10 +90,11 @@ def test_digits_head_comes_within_reach_of_a_converged_logistic_regression(
         f"data.image_size={SIZE}",
         f"data.batch_size={composed_config.data.batch_size}",  # the default, as before
         f"model.weights={digits['weights']}",
-        "train.precision=float32",  # the reference's features are float32 too
         *([f"train.epochs={epochs}"] if epochs else []),
     )
-    accuracy = run(cfg)["test_accuracy"]
+    metrics = run(cfg)
+    accuracy = metrics["test_accuracy"]
+    assert metrics["precision"] == digits["precision"]  # the reference's features are the run's
     assert digits["reference"] >= 0.95  # the features are good: the head has to learn them
     assert accuracy >= digits["reference"] - tolerance, (accuracy, digits["reference"])
 

@@ -263,6 +263,10 @@ def test_each_error_of_the_job_is_its_exit_code_and_one_line(
 ):
     """What `python -m trainer` does with each error `run(cfg)` raises (the tests of the job
     assert the error; this, what a user and the Job's podFailurePolicy then see)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
     from trainer import job
     from trainer.__main__ import _hydra_main
 
@@ -270,11 +274,19 @@ def test_each_error_of_the_job_is_its_exit_code_and_one_line(
         raise error
 
     monkeypatch.setattr(job, "run", fails)
+    # What Hydra sets in a running app: the command line's overrides, which the stop lines repeat
+    app = compose_config("data.train_dir=x", "train.epochs=7", hydra=True)
+    app.hydra.runtime.output_dir = cfg.output.dir  # the run's folder, as Hydra sets it at start
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.masked_copy(app, "hydra"))
     cfg.data.train_dir = "x"
     with pytest.raises(SystemExit) as exited:
         _hydra_main(cfg)
     assert exited.value.code == code == error.exit_code
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith(line)
+    if code in (5, 130, 143):  # the command that resumes: the same overrides, this output.dir
+        resume = f"python -m trainer data.train_dir=x train.epochs=7 output.dir={cfg.output.dir}"
+        assert said.endswith(f"; to resume, run: {resume}")
 
 
 def test_a_run_leaves_no_autograph_modules_in_its_temp_dir(tmp_path):

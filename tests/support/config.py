@@ -19,10 +19,11 @@ from tests.support.processes import REPO
 from trainer.config import enum_overrides, register_configs
 
 
-def compose_config(*overrides: str, module: bool = False) -> DictConfig:
+def compose_config(*overrides: str, module: bool = False, hydra: bool = False) -> DictConfig:
     """conf/config.yaml with `overrides` as the command line gives them (Hydra's override
     grammar, train.jit_compile's true/false quoted as `python -m trainer` quotes them);
-    `module=True`: the copy an installed wheel carries (the package trainer.conf)."""
+    `module=True`: the copy an installed wheel carries (the package trainer.conf); `hydra=True`:
+    with Hydra's own node (`hydra.overrides.task`, ...), as a running app has it."""
     register_configs()
     init = (
         initialize_config_module("trainer.conf", version_base="1.3")
@@ -30,7 +31,9 @@ def compose_config(*overrides: str, module: bool = False) -> DictConfig:
         else initialize_config_dir(str(REPO / "conf"), version_base="1.3")
     )
     with init:
-        return compose("config", overrides=enum_overrides(list(overrides)))
+        return compose(
+            "config", overrides=enum_overrides(list(overrides)), return_hydra_config=hydra
+        )
 
 
 @pytest.fixture(scope="session")

@@ -292,7 +292,8 @@ def test_each_error_of_the_job_is_its_exit_code_and_one_line(
 def test_a_run_leaves_no_autograph_modules_in_its_temp_dir(tmp_path):
     """The trainer's fast exit skips TensorFlow's atexit clean-up of the modules autograph
     writes to the temp dir: it removes the ones of its own process itself."""
-    from tests.conftest import AUTOGRAPH_TEMP_FILES, make_folders
+    from tests.conftest import make_folders
+    from tests.support.hygiene import AUTOGRAPH_TEMP_FILES
 
     train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
     temp = tmp_path / "temp"

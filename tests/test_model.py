@@ -192,3 +192,17 @@ def test_misspelt_finetune_layer_exits_2_before_any_training(tmp_path):
     assert result.returncode == 2
     assert last_error_line(result).startswith("trainer: error: train.finetune_from=conv9_nope")
     assert "features cached" not in result.stdout and "epoch 1/" not in result.stdout
+
+
+def test_the_head_carries_logistic_regressions_penalty_for_its_training_set():
+    """The head's loss is LogisticRegression's (C=1) per image: the mean cross-entropy plus
+    sum(W**2) / (2 n), n the training set's size, so it has the regression's optimum."""
+    from trainer.model import set_head_penalty
+
+    model = build_model(num_classes=3, image_size=SIZE, weights=None, dropout=0.0)
+    set_head_penalty(model, train_size=60)
+    head = model.get_layer("head")
+    head(np.zeros((1, 2048), np.float32))
+    kernel = keras.ops.convert_to_numpy(head.get_layer("probabilities").kernel)
+    penalty = float(keras.ops.convert_to_numpy(keras.ops.sum(head.losses)))
+    assert penalty == pytest.approx(np.sum(kernel.astype(np.float64) ** 2) / 120, rel=1e-5)

@@ -71,6 +71,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10  # head epochs; cheap on cached features, so more is rarely a cost problem
+    head_min_steps: int = 1000  # cached features: epochs repeat the data up to this many steps
     learning_rate: float = 1e-3  # Adam, for the head
     min_accuracy: float | None = None  # below it: metrics written, no export, exit code 3
     max_hours: float | None = None  # per-run limit: stop, evaluate, no export, exit 5 (sweeps)
@@ -162,6 +163,7 @@ def validate(cfg: DictConfig) -> None:
         )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(t.head_min_steps >= 0, "train.head_min_steps", t.head_min_steps, "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     if t.min_accuracy is not None:
         _check(

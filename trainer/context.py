@@ -79,6 +79,7 @@ class Schedule:
     """The phases train.* asks for."""
 
     epochs: int
+    head_min_steps: int  # optimizer steps of the head on cached features, at least
     learning_rate: float
     finetune_epochs: int
     finetune_from: str
@@ -138,6 +139,7 @@ def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
     t = cfg.train
     return Schedule(
         epochs=t.epochs,
+        head_min_steps=t.head_min_steps,
         learning_rate=t.learning_rate,
         finetune_epochs=t.finetune_epochs,
         finetune_from=t.finetune_from,

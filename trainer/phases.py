@@ -80,7 +80,10 @@ def train_phases(
     on images. Each phase records its seconds on `clock`."""
     import keras
 
+    from trainer.model import set_head_penalty
     from trainer.train import Training, fit
+
+    set_head_penalty(model, train_size=len(ctx.train))  # every phase trains with it
 
     sync = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ctx.output.sync())
     training = Training(
@@ -124,7 +127,7 @@ def train_phases(
 def _head_on_features(
     ctx: RunContext, *, model, fit_phase, schedule: Schedule, clock: Stopwatch
 ) -> Trained:
-    from trainer.features import feature_dataset
+    from trainer.features import feature_dataset, passes_per_epoch
     from trainer.model import set_feature_statistics
     from trainer.train import Phase
 
@@ -135,6 +138,18 @@ def _head_on_features(
     # The head standardizes features with the training set's statistics (trainer/model.py).
     set_feature_statistics(model, features["train"])
     clock.restart()
+    passes = passes_per_epoch(
+        len(ctx.train),
+        batch_size=ctx.batch,
+        epochs=schedule.epochs,
+        min_steps=schedule.head_min_steps,
+    )
+    if passes > 1:
+        log.info(
+            "each head epoch goes %d times over the cached features (train.head_min_steps=%d)",
+            passes,
+            schedule.head_min_steps,
+        )
     fit_phase(
         model.get_layer("head"),
         feature_dataset(
@@ -143,7 +158,7 @@ def _head_on_features(
             ctx.batch,
             shuffle=True,
             seed=ctx.seed,
-            epochs=schedule.epochs,
+            epochs=schedule.epochs * passes,
         ),
         feature_dataset(features["test"], ctx.test.labels, ctx.batch),
         phase=Phase(
@@ -152,7 +167,7 @@ def _head_on_features(
             epochs=schedule.epochs,
             backup_dir=ctx.run_dir.head_backup,
         ),
-        steps_per_epoch=-(-len(ctx.train) // ctx.batch),
+        steps_per_epoch=passes * -(-len(ctx.train) // ctx.batch),
     )
     clock.lap("head_s")
     return Trained(fast_path=True, test_features=features["test"], cache_outcome=outcome)

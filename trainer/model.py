@@ -138,10 +138,17 @@ def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
     )
 
 
+VARIANCE_FLOOR = 1e-2  # relative to the mean variance: a feature's scale-up is at most 10x
+
+
 def feature_statistics(features: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance of `features` (an array or a spilled memmap, read chunk by
-    chunk in float64). A constant feature gets variance 1, as scikit-learn's StandardScaler does:
-    dividing by ~0 would turn any test-time deviation into a huge input."""
+    chunk in float64), each variance at least VARIANCE_FLOOR x the mean variance (1 if every
+    feature is constant). A feature (nearly) constant on the training set, such as a ReLU
+    that barely fires, would otherwise turn a test image's ordinary deviation into a huge input:
+    an absolute guard (variance < 1e-12) let a variance of 1e-10 scale a deviation by 1e5, and
+    real ImageNet features gave |z| up to 180 on test images. The floor is relative because the
+    features' scale differs with every backbone."""
     total = np.zeros(features.shape[1])
     squares = np.zeros(features.shape[1])
     for lo in range(0, len(features), chunk):
@@ -150,7 +157,8 @@ def feature_statistics(features: np.ndarray, chunk: int = 4096) -> tuple[np.ndar
         squares += np.square(part).sum(axis=0)
     mean = total / len(features)
     variance = np.maximum(squares / len(features) - np.square(mean), 0.0)
-    variance[variance < 1e-12] = 1.0
+    floor = VARIANCE_FLOOR * variance.mean()
+    variance = np.maximum(variance, floor) if floor > 0 else np.ones_like(variance)
     return mean.astype(np.float32), variance.astype(np.float32)
 
 

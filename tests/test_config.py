@@ -52,6 +52,7 @@ def test_misspelt_key_or_wrong_type_exits_2_with_one_line_naming_the_key(tmp_pat
         ("data.validation_split=1.5", "data.validation_split"),
         ("train.epochs=0", "train.epochs"),
         ("train.head_min_steps=-1", "train.head_min_steps"),
+        ("train.finetune_validation_split=1.0", "train.finetune_validation_split"),
         ("train.learning_rate=-0.1", "train.learning_rate"),
         ("train.min_accuracy=2", "train.min_accuracy"),
         ("model.dropout=1.0", "model.dropout"),

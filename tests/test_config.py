@@ -61,6 +61,8 @@ def test_config_errors_keep_what_the_user_acts_on_in_their_one_line(tmp_path, ov
         ("data.batch_size=0", "data.batch_size"),
         ("data.validation_split=1.5", "data.validation_split"),
         ("train.epochs=0", "train.epochs"),
+        ("train.head_min_steps=-1", "train.head_min_steps"),
+        ("train.finetune_validation_split=1.0", "train.finetune_validation_split"),
         ("train.learning_rate=-0.1", "train.learning_rate"),
         ("train.min_accuracy=2", "train.min_accuracy"),
         ("model.dropout=1.0", "model.dropout"),

@@ -23,6 +23,7 @@ from tests.support.hygiene import forget_process_caches
 from trainer import TrainerError
 from trainer.data import (
     drop_bad_images,
+    hold_out,
     list_image_folder,
     load_splits,
 )
@@ -97,6 +98,30 @@ def test_validation_split_is_seeded_per_class_and_disjoint(tmp_path):
     assert not set(train.files) & set(test.files)
     assert len(train) + len(test) == 20
     assert np.bincount(test.labels).tolist() == [3, 3]
+
+
+def test_finetuning_validation_set_is_held_out_of_training_per_class_never_the_test_set(tmp_path):
+    """train.finetune_validation_split: a seeded share of each class's training images, apart
+    from the images the head trains on and from the test set (here itself held out)."""
+    make_dataset(str(tmp_path), ["a", "b"], 20, min_size=8, max_size=8)
+    for extra in sorted((tmp_path / "b").iterdir())[12:]:  # classes of 20 and 12 images
+        extra.unlink()
+    _, train, test = load_splits(str(tmp_path), None, 0.25, seed=7)
+
+    kept, validation = hold_out(train, share=0.2, seed=7, key="k")
+    again = hold_out(train, share=0.2, seed=7, key="k")[1]
+    other = hold_out(train, share=0.2, seed=8, key="k")[1]
+
+    for seed in range(5):  # 20% of each class's 15 and 9, whatever the seed
+        held = hold_out(train, share=0.2, seed=seed, key="k")[1]
+        assert np.bincount(held.labels).tolist() == [3, 2]
+    assert not set(validation.files) & set(test.files)
+    assert not set(validation.files) & set(kept.files)
+    assert sorted(kept.files + validation.files) == sorted(train.files)
+    assert [train.labels[train.files.index(f)] for f in validation.files] == list(validation.labels)
+    assert validation.files == again.files and validation.files != other.files
+    with pytest.raises(TrainerError, match="k=0.01: class 0 has 15 training images"):
+        hold_out(train, share=0.01, seed=7, key="k")
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:

@@ -183,3 +183,43 @@ def test_misspelt_finetune_layer_is_an_error_before_any_training(tmp_path, cfg, 
     assert str(error.value).startswith("train.finetune_from=conv9_nope")
     assert error.value.exit_code == 2
     assert "features cached" not in caplog.text and "epoch 1/" not in caplog.text
+
+
+def _standardized(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """`test` through a head whose standardization has `train`'s statistics."""
+    from trainer.model import set_feature_statistics
+
+    model = build_model(num_classes=2, image_size=SIZE, weights=None, dropout=0.0)
+    set_feature_statistics(model, train)
+    return keras.ops.convert_to_numpy(model.get_layer("head").get_layer("standardize")(test))
+
+
+def test_a_feature_nearly_constant_in_training_stays_bounded_on_test_images():
+    """A ReLU that barely fires on the training set (variance 1e-10, far above an absolute
+    guard's 1e-12) must not turn a test image's ordinary deviation into a huge input; the other
+    features are standardized exactly."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(2.0, 1.0, (200, 2048)).astype(np.float32)
+    train[:, 0] = 0.5 + 1e-5 * rng.standard_normal(200)
+    test = rng.normal(2.0, 1.0, (5, 2048)).astype(np.float32)
+    test[:, 0] = 1.5  # one unit off: an ordinary deviation for the other features
+
+    z = _standardized(train, test)
+
+    assert np.abs(z[:, 0]).max() <= 20, z[:, 0]
+    expected = (test[:, 1:] - train[:, 1:].mean(0)) / train[:, 1:].std(0)
+    np.testing.assert_allclose(z[:, 1:], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_the_head_carries_logistic_regressions_penalty_for_its_training_set():
+    """The head's loss is LogisticRegression's (C=1) per image: the mean cross-entropy plus
+    sum(W**2) / (2 n), n the training set's size, so it has the regression's optimum."""
+    from trainer.model import set_head_penalty
+
+    model = build_model(num_classes=3, image_size=SIZE, weights=None, dropout=0.0)
+    set_head_penalty(model, train_size=60)
+    head = model.get_layer("head")
+    head(np.zeros((1, 2048), np.float32))
+    kernel = keras.ops.convert_to_numpy(head.get_layer("probabilities").kernel)
+    penalty = float(keras.ops.convert_to_numpy(keras.ops.sum(head.losses)))
+    assert penalty == pytest.approx(np.sum(kernel.astype(np.float64) ** 2) / 120, rel=1e-5)

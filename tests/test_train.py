@@ -112,6 +112,14 @@ def test_augmented_run_with_finetuning_trains_the_full_model_and_may_overwrite(
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["fast_path"] is False and metrics["epochs"] == 2
     assert "finetune_s" in metrics["timings"]
+    # A validation set held out of the training images (not the test set's) picks the epoch kept.
+    trained = trained_run.metrics
+    assert metrics["num_validation"] + metrics["num_train"] == trained["num_train"]
+    assert metrics["num_test"] == trained["num_test"]
+    assert metrics["finetune_best_epoch"] in (0, 2)
+    assert 0.0 <= metrics["phase1_test_accuracy"] <= 1.0
+    assert 0.0 <= metrics["phase1_validation_accuracy"] <= 1.0
+    assert metrics["finetune_best_validation_accuracy"] >= metrics["phase1_validation_accuracy"]
     assert (out / "_SUCCESS").exists() and (out / "saved_model" / "saved_model.pb").exists()
 
 
@@ -233,3 +241,31 @@ def test_a_perfect_models_test_loss_is_zero_not_minus_zero():
 
     result = evaluate(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), num_classes=2)
     assert result["test_loss"] == 0.0 and math.copysign(1.0, result["test_loss"]) == 1.0
+
+
+def test_finetuning_keeps_its_best_epoch_not_a_worse_last_one():
+    """KeepBest (train.finetune_validation_split): the weights of the epoch with the best
+    validation accuracy are the model's at the end, phase 1's end (the baseline) included."""
+    from trainer.train import KeepBest
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    keep = KeepBest(baseline=0.5)
+    keep.set_model(model)
+    keep.on_train_begin()
+    kernel = model.layers[0].kernel
+    for epoch, (value, accuracy) in enumerate([(1.0, 0.7), (2.0, 0.9), (3.0, 0.6)]):
+        kernel.assign(np.full((2, 1), value, np.float32))
+        keep.on_epoch_end(epoch, {"val_accuracy": accuracy})
+    keep.on_train_end()
+
+    np.testing.assert_array_equal(kernel.numpy(), np.full((2, 1), 2.0, np.float32))
+    assert keep.best_epoch == 2 and keep.best == 0.9
+
+    keep = KeepBest(baseline=0.95)  # no epoch beats phase 1: its weights come back
+    keep.set_model(model)
+    keep.on_train_begin()
+    kernel.assign(np.zeros((2, 1), np.float32))
+    keep.on_epoch_end(0, {"val_accuracy": 0.9})
+    keep.on_train_end()
+    np.testing.assert_array_equal(kernel.numpy(), np.full((2, 1), 2.0, np.float32))
+    assert keep.best_epoch == 0

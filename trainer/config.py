@@ -71,6 +71,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10  # head epochs; cheap on cached features, so more is rarely a cost problem
+    head_min_steps: int = 1000  # cached features: epochs repeat the data up to this many steps
     learning_rate: float = 1e-3  # Adam, for the head
     min_accuracy: float | None = None  # below it: metrics written, no export, exit code 3
     max_hours: float | None = None  # per-run limit: stop, evaluate, no export, exit 5 (sweeps)
@@ -78,6 +79,8 @@ class TrainConfig:
     finetune_epochs: int = 0  # > 0: a second phase that unfreezes the backbone from finetune_from
     finetune_from: str = "conv5_block1_1_conv"  # ResNet50's last stage; earlier layers overfit
     finetune_learning_rate: float = 1e-5  # low, so the pretrained features are nudged, not lost
+    finetune_validation_split: float = 0.2  # of each class, held out; phase 2 keeps its best epoch
+    finetune_augment: bool = True  # augmentation during fine-tuning (data.augment: in phase 1 too)
     backup_every_steps: int = 0  # 0: back up at each epoch's end; N: every N steps (long epochs)
     precision: Precision = Precision.auto  # auto: measured per device, see docs/distributed.md
     jit_compile: JitCompile = JitCompile.auto  # XLA; auto: on GPUs only (slower on CPUs)
@@ -162,6 +165,7 @@ def validate(cfg: DictConfig) -> None:
         )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(t.head_min_steps >= 0, "train.head_min_steps", t.head_min_steps, "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     if t.min_accuracy is not None:
         _check(
@@ -184,6 +188,12 @@ def validate(cfg: DictConfig) -> None:
         "must be >= 0 (0: at the end of each epoch)",
     )
     _check(t.finetune_epochs >= 0, "train.finetune_epochs", t.finetune_epochs, "must be >= 0")
+    _check(
+        0.0 <= t.finetune_validation_split < 1.0,
+        "train.finetune_validation_split",
+        t.finetune_validation_split,
+        "must be in [0, 1) (0: no validation set, the last epoch is kept)",
+    )
     _check(
         t.finetune_learning_rate > 0,
         "train.finetune_learning_rate",

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig
 
 from trainer.cluster import Cluster
-from trainer.data import Split
+from trainer.data import Split, hold_out
 from trainer.output import Output
 from trainer.rundir import RunDir
 
@@ -52,6 +52,7 @@ class RunContext:
     classes: list[str]
     train: Split  # the undecodable images left out, the same files on every worker
     test: Split
+    validation: Split | None  # held out of the training files for fine-tuning to monitor
     image_size: int
     batch: int  # the global batch: data.batch_size x replicas
     jit_compile: bool | str
@@ -79,6 +80,7 @@ class Schedule:
     """The phases train.* asks for."""
 
     epochs: int
+    head_min_steps: int  # optimizer steps of the head on cached features, at least
     learning_rate: float
     finetune_epochs: int
     finetune_from: str
@@ -86,6 +88,7 @@ class Schedule:
     backup_every_steps: int
     spill_above_mb: int  # train.feature_cache_max_mb: larger feature sets are memory-mapped
     augment: bool  # data.augment: the head trains on images, else on the backbone's features
+    finetune_augment: bool  # train.finetune_augment: fine-tuning's images augmented
     cache_uri: str | None  # storage.feature_cache: features shared across runs; None: off
     weights: str | None  # model.weights as staged (a local path, imagenet or None): in the key
 
@@ -110,6 +113,12 @@ def context_of(
 
     strategy, cluster = runtime
     replicas = strategy.num_replicas_in_sync
+    train, validation = images.train, None
+    held = cfg.train.finetune_validation_split
+    if cfg.train.finetune_epochs and held:
+        key = "train.finetune_validation_split"
+        train, validation = hold_out(images.train, share=held, seed=cfg.seed, key=key)
+        log.info("validation set: %d training images held out (%s)", len(validation), key)
     batch = cfg.data.batch_size * replicas
     log.info(
         "batch size: %d per replica x %d replica(s) = %d", cfg.data.batch_size, replicas, batch
@@ -120,8 +129,9 @@ def context_of(
         cluster=cluster,
         strategy=strategy,
         classes=images.classes,
-        train=images.train,
+        train=train,
         test=images.test,
+        validation=validation,
         image_size=cfg.data.image_size,
         batch=batch,
         jit_compile=choose_jit_compile(cfg.train.jit_compile, strategy),
@@ -138,6 +148,7 @@ def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
     t = cfg.train
     return Schedule(
         epochs=t.epochs,
+        head_min_steps=t.head_min_steps,
         learning_rate=t.learning_rate,
         finetune_epochs=t.finetune_epochs,
         finetune_from=t.finetune_from,
@@ -145,6 +156,7 @@ def schedule_of(cfg: DictConfig, *, weights: str | None) -> Schedule:
         backup_every_steps=t.backup_every_steps,
         spill_above_mb=t.feature_cache_max_mb,
         augment=cfg.data.augment,  # augmentation changes the features every epoch
+        finetune_augment=cfg.train.finetune_augment or cfg.data.augment,
         cache_uri=cfg.storage.feature_cache,
         weights=weights,
     )

@@ -184,6 +184,25 @@ def load_splits(
     return classes, _to_split(kept, classes), _to_split(held, classes)
 
 
+def hold_out(split: Split, *, share: float, seed: int, key: str) -> tuple[Split, Split]:
+    """(kept, held): a seeded `share` of each class's files of `split` held out, the rest kept,
+    both in `split`'s order; `key` names the setting in the error when a class is too small."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(split.labels):
+        rows = np.flatnonzero(split.labels == label)
+        count = int(round(len(rows) * share))
+        if count < 1 or count >= len(rows):
+            raise TrainerError(
+                f"{key}={share}: class {int(label)} has {len(rows)} training images, too few to"
+                " hold out a validation set from; add images or set it to 0"
+            )
+        held += list(rows[rng.permutation(len(rows))[:count]])
+    held = np.sort(np.asarray(held, dtype=np.int64))
+    kept = np.setdiff1d(np.arange(len(split)), held)
+    return split.subset(kept), split.subset(held)
+
+
 # What the probe found, by file_identity (path, size, modification time): None for a good file,
 # else why it is bad. A local sweep's points run in one process, and those after the first
 # probe nothing.

@@ -132,6 +132,16 @@ def predict_files(
     return result
 
 
+def passes_per_epoch(rows: int, *, batch_size: int, epochs: int, min_steps: int) -> int:
+    """How many times each head epoch on cached features goes over the `rows` training vectors:
+    enough for `epochs` epochs to take at least `min_steps` optimizer steps in all
+    (train.head_min_steps), one at least. A step costs ~2 ms here, so on a small set the number
+    of steps, not the data, would otherwise limit the head: 60 images at batch 32 over 5 epochs
+    are 10 steps, far from the optimum of the head's convex loss."""
+    per_pass = -(-rows // batch_size)
+    return max(1, -(-min_steps // (per_pass * epochs)))
+
+
 def feature_dataset(
     features: np.ndarray,
     labels: np.ndarray,

@@ -317,6 +317,7 @@ def report(ctx: RunContext, *, result: dict, cfg: DictConfig, trained: Trained, 
         "serving_dtype": ctx.serving_dtype,
         "fast_path": trained.fast_path,
         "stopped_at_time_limit": time_limit.reached,
+        **(trained.finetuned or {}),  # phase 1's accuracy and the epoch fine-tuning kept
     }
 
 

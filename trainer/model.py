@@ -13,6 +13,13 @@ Dense layer. Pooled ResNet50 features have large, uneven scales (a random-init b
 mean near 2.7 and peaks above 20; ImageNet, custom or fine-tuned weights each give others), and
 Adam at 1e-3 would spend most of a short run rescaling them. The statistics are weights of the
 model, so the export standardizes by itself and every replica and worker holds the same values.
+
+The head's Dense kernel carries an L2 penalty of 1 / (2 n), n the training set's size
+(`set_head_penalty`): the head's loss is then scikit-learn's LogisticRegression's (C=1) divided
+by n, a convex loss with one optimum, which enough steps reach whatever n is. Without it, a
+small set is separable in 2,048 dimensions and the unpenalized head drifts towards whatever
+direction Adam's steps favour (0.92 against the regression's 0.945 after 2,000 steps on 60
+Fashion-MNIST images, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -93,6 +100,21 @@ class Standardize(keras.layers.Layer):
         return (inputs - self.mean) * keras.ops.rsqrt(self.variance)
 
 
+@keras.saving.register_keras_serializable(package="trainer")
+class HeadPenalty(keras.regularizers.Regularizer):
+    """`factor` x the sum of the squared weights; `factor` is set by `set_head_penalty` before
+    training (0 until then) and read when `fit` traces its step, after each compile."""
+
+    def __init__(self, factor: float = 0.0):
+        self.factor = factor
+
+    def __call__(self, weights):
+        return self.factor * keras.ops.sum(keras.ops.square(weights))
+
+    def get_config(self):
+        return {"factor": self.factor}
+
+
 def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
     """Standardize + Dropout + Dense softmax over pooled features; float32 in every precision
     policy (the head is cheap, its numerics are not)."""
@@ -109,16 +131,24 @@ def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
                 # Its own seed: the head starts the same whether or not ResNet50 was built
                 # (drawing from Keras' global generator) just before it.
                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                kernel_regularizer=HeadPenalty(),
             ),
         ],
         name="head",
     )
 
 
+VARIANCE_FLOOR = 1e-2  # relative to the mean variance: a feature's scale-up is at most 10x
+
+
 def feature_statistics(features: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance of `features` (an array or a spilled memmap, read chunk by
-    chunk in float64). A constant feature gets variance 1, as scikit-learn's StandardScaler does:
-    dividing by ~0 would turn any test-time deviation into a huge input."""
+    chunk in float64), each variance at least VARIANCE_FLOOR x the mean variance (1 if every
+    feature is constant). A feature (nearly) constant on the training set, such as a ReLU
+    that barely fires, would otherwise turn a test image's ordinary deviation into a huge input:
+    an absolute guard (variance < 1e-12) let a variance of 1e-10 scale a deviation by 1e5, and
+    real ImageNet features gave |z| up to 180 on test images. The floor is relative because the
+    features' scale differs with every backbone."""
     total = np.zeros(features.shape[1])
     squares = np.zeros(features.shape[1])
     for lo in range(0, len(features), chunk):
@@ -127,7 +157,8 @@ def feature_statistics(features: np.ndarray, chunk: int = 4096) -> tuple[np.ndar
         squares += np.square(part).sum(axis=0)
     mean = total / len(features)
     variance = np.maximum(squares / len(features) - np.square(mean), 0.0)
-    variance[variance < 1e-12] = 1.0
+    floor = VARIANCE_FLOOR * variance.mean()
+    variance = np.maximum(variance, floor) if floor > 0 else np.ones_like(variance)
     return mean.astype(np.float32), variance.astype(np.float32)
 
 
@@ -139,6 +170,13 @@ def set_feature_statistics(model: keras.Model, features: np.ndarray) -> None:
     layer = model.get_layer("head").get_layer("standardize")
     layer.mean.assign(mean)
     layer.variance.assign(variance)
+
+
+def set_head_penalty(model: keras.Model, *, train_size: int) -> None:
+    """The head's L2 penalty for a training set of `train_size` images: 1 / (2 n), so the head's
+    loss is LogisticRegression's (C=1) per image (see the module docstring). Set before `fit`."""
+    dense = model.get_layer("head").get_layer("probabilities")
+    dense.kernel_regularizer.factor = 0.5 / max(train_size, 1)
 
 
 def build_model(

@@ -43,6 +43,7 @@ class Trained:
     fast_path: bool  # the head was trained on cached features in this run
     test_features: np.ndarray | None  # still the backbone's output for the test set, or None
     cache_outcome: str = "off"  # hit | miss | off: whether storage.feature_cache had them all
+    finetuned: dict | None = None  # fine-tuning's report for metrics.json (`_finetune`)
 
 
 def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
@@ -80,7 +81,10 @@ def train_phases(
     on images. Each phase records its seconds on `clock`."""
     import keras
 
+    from trainer.model import set_head_penalty
     from trainer.train import Training, fit
+
+    set_head_penalty(model, train_size=len(ctx.train))  # every phase trains with it
 
     sync = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ctx.output.sync())
     training = Training(
@@ -92,15 +96,20 @@ def train_phases(
     )
     fit_phase = functools.partial(fit, training=training)
 
-    @functools.cache  # built on first use: both phases share them
-    def pipelines() -> Images:
-        return image_pipelines(ctx, augment=schedule.augment)
+    @functools.cache  # built on first use: both phases share them when both augment alike
+    def pipelines(augment: bool) -> Images:
+        return image_pipelines(ctx, augment=augment)
 
-    def fit_images(phase):
-        """The full model on the image pipelines: the head phase with augmentation, fine-tuning."""
-        images = pipelines()
+    def fit_images(phase, *, augment: bool, validation=None):
+        """The full model on the image pipelines: the head phase with augmentation, fine-tuning
+        (evaluated on `validation`, a dataset, instead of the test set when given)."""
+        images = pipelines(augment)
         return fit_phase(
-            model, images.train, images.test, phase=phase, steps_per_epoch=images.steps_per_epoch
+            model,
+            images.train,
+            images.test if validation is None else validation,
+            phase=phase,
+            steps_per_epoch=images.steps_per_epoch,
         )
 
     phases = {"model": model, "schedule": schedule, "clock": clock}
@@ -116,15 +125,31 @@ def train_phases(
         trained = Trained(fast_path=False, test_features=None)
     if not schedule.finetune_epochs or time_limit.reached:
         return trained
-    _finetune(ctx, fit_images=fit_images, **phases)
+    phase1 = _accuracy(ctx, model=model, split=ctx.test, features=trained.test_features)
+    finetuned = _finetune(ctx, fit_images=fit_images, **phases)
     # The backbone changed: cached features no longer match, the evaluation runs on images.
-    return dataclasses.replace(trained, test_features=None)
+    return dataclasses.replace(
+        trained, test_features=None, finetuned={"phase1_test_accuracy": phase1, **finetuned}
+    )
+
+
+def _accuracy(ctx: RunContext, *, model, split: Split, features=None) -> float:
+    """`model`'s accuracy on `split`: from its cached `features` through the head, else from
+    its images through the whole model."""
+    from trainer.features import predict_files
+    from trainer.train import predict_in_batches
+
+    if features is not None:
+        probabilities = predict_in_batches(model.get_layer("head"), features, ctx.batch)
+    else:
+        probabilities = predict_files(model, split, ctx.image_size, ctx.batch, ctx.workers)
+    return float(np.mean(probabilities.argmax(axis=1) == split.labels))
 
 
 def _head_on_features(
     ctx: RunContext, *, model, fit_phase, schedule: Schedule, clock: Stopwatch
 ) -> Trained:
-    from trainer.features import feature_dataset
+    from trainer.features import feature_dataset, passes_per_epoch
     from trainer.model import set_feature_statistics
     from trainer.train import Phase
 
@@ -135,6 +160,18 @@ def _head_on_features(
     # The head standardizes features with the training set's statistics (trainer/model.py).
     set_feature_statistics(model, features["train"])
     clock.restart()
+    passes = passes_per_epoch(
+        len(ctx.train),
+        batch_size=ctx.batch,
+        epochs=schedule.epochs,
+        min_steps=schedule.head_min_steps,
+    )
+    if passes > 1:
+        log.info(
+            "each head epoch goes %d times over the cached features (train.head_min_steps=%d)",
+            passes,
+            schedule.head_min_steps,
+        )
     fit_phase(
         model.get_layer("head"),
         feature_dataset(
@@ -143,7 +180,7 @@ def _head_on_features(
             ctx.batch,
             shuffle=True,
             seed=ctx.seed,
-            epochs=schedule.epochs,
+            epochs=schedule.epochs * passes,
         ),
         feature_dataset(features["test"], ctx.test.labels, ctx.batch),
         phase=Phase(
@@ -152,7 +189,7 @@ def _head_on_features(
             epochs=schedule.epochs,
             backup_dir=ctx.run_dir.head_backup,
         ),
-        steps_per_epoch=-(-len(ctx.train) // ctx.batch),
+        steps_per_epoch=passes * -(-len(ctx.train) // ctx.batch),
     )
     clock.lap("head_s")
     return Trained(fast_path=True, test_features=features["test"], cache_outcome=outcome)
@@ -280,14 +317,20 @@ def _head_on_images(
             learning_rate=schedule.learning_rate,
             epochs=schedule.epochs,
             backup_dir=ctx.run_dir.head_backup,
-        )
+        ),
+        augment=schedule.augment,
     )
     clock.lap("head_s")
 
 
-def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: Stopwatch) -> None:
+def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: Stopwatch) -> dict:
+    """Phase 2: the top of the backbone unfrozen, on images (augmented unless
+    train.finetune_augment=false). With a validation set (train.finetune_validation_split), the
+    epoch with the best validation accuracy, phase 1's end included, is the one kept. Returns
+    metrics.json's report of it."""
+    from trainer.data import image_dataset
     from trainer.model import unfreeze_from
-    from trainer.train import Phase
+    from trainer.train import KeepBest, Phase
 
     phase1_done = ctx.run_dir.phase1_done
     if not os.path.exists(phase1_done):
@@ -295,13 +338,18 @@ def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: 
         model.save_weights(phase1_done)
         ctx.output.sync()
     clock.restart()
+    validation, keep = None, ()
+    if ctx.validation is not None:
+        validation = image_dataset(ctx.validation, ctx.image_size, ctx.batch)
+        keep = (KeepBest(baseline=_accuracy(ctx, model=model, split=ctx.validation)),)
     with ctx.strategy.scope():
         unfrozen = unfreeze_from(model, schedule.finetune_from)
     log.info(
-        "fine-tuning: %d backbone layers from %s unfrozen (BatchNorm stays frozen), lr %g",
+        "fine-tuning: %d backbone layers from %s unfrozen (BatchNorm stays frozen), lr %g%s",
         unfrozen,
         schedule.finetune_from,
         schedule.finetune_learning_rate,
+        ", augmented" if schedule.finetune_augment else "",
     )
     fit_images(
         Phase(
@@ -310,6 +358,19 @@ def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: 
             epochs=schedule.finetune_epochs,
             initial_epoch=schedule.epochs,
             backup_dir=ctx.run_dir.finetune_backup,
-        )
+            callbacks=keep,
+            evaluates="test" if validation is None else "validation",
+        ),
+        augment=schedule.finetune_augment,
+        validation=validation,
     )
     clock.lap("finetune_s")
+    if not keep:
+        return {}
+    best = keep[0]
+    return {
+        "num_validation": len(ctx.validation),
+        "phase1_validation_accuracy": best.baseline,
+        "finetune_best_epoch": best.best_epoch,
+        "finetune_best_validation_accuracy": best.best,
+    }

@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 class EpochLog(keras.callbacks.Callback):
     """One log line per epoch, so log files and `kubectl logs` read well without a progress bar."""
 
-    def __init__(self, total_epochs: int, phase: str):
+    def __init__(self, total_epochs: int, phase: str, evaluates: str = "test"):
         super().__init__()
         self.total_epochs = total_epochs
         self.phase = phase
+        self.evaluates = evaluates
         self.started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -33,14 +34,16 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         log.info(
-            "epoch %d/%d (%s): loss %.4f accuracy %.4f | test_loss %.4f test_accuracy %.4f | "
+            "epoch %d/%d (%s): loss %.4f accuracy %.4f | %s_loss %.4f %s_accuracy %.4f | "
             "lr %.3g | %.1f s",
             epoch + 1,
             self.total_epochs,
             self.phase,
             logs.get("loss", float("nan")),
             logs.get("accuracy", float("nan")),
+            self.evaluates,
             logs.get("val_loss", float("nan")),
+            self.evaluates,
             logs.get("val_accuracy", float("nan")),
             float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             time.perf_counter() - self.started,
@@ -179,6 +182,36 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+class KeepBest(keras.callbacks.Callback):
+    """Fine-tuning keeps its best epoch: the weights with the highest validation accuracy, the
+    starting weights (phase 1's end, `baseline` their accuracy) included, are the model's at the
+    end of training. `best_epoch`: that epoch (1-based, of the whole run); 0: phase 1's end."""
+
+    def __init__(self, baseline: float):
+        super().__init__()
+        self.baseline = baseline
+        self.best = baseline
+        self.best_epoch = 0
+        self.weights = None
+
+    def on_train_begin(self, logs=None):
+        self.weights = self.model.get_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        accuracy = (logs or {}).get("val_accuracy")
+        if accuracy is not None and accuracy > self.best:
+            self.best, self.best_epoch = float(accuracy), epoch + 1
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        self.model.set_weights(self.weights)
+        log.info(
+            "fine-tuning keeps %s (validation accuracy %.4f)",
+            f"epoch {self.best_epoch}" if self.best_epoch else "phase 1's end",
+            self.best,
+        )
+
+
 class TimeLimit(keras.callbacks.Callback):
     """`train.max_hours`: once the limit has passed (counted from `started`, a
     time.perf_counter() taken at run start), stop training after the current step (one worker) or
@@ -236,6 +269,8 @@ class Phase:
     epochs: int
     initial_epoch: int = 0
     backup_dir: str | None = None
+    callbacks: tuple = ()  # this phase's own, after the run's
+    evaluates: str = "test"  # what its validation data is: test | validation (the log's name)
 
 
 @dataclass(frozen=True)
@@ -276,9 +311,10 @@ def fit(
     tensorboard = keras.callbacks.TensorBoard(training.log_dir, write_graph=False)
     callbacks = [
         tensorboard,
-        EpochLog(training.total_epochs, phase.name),
+        EpochLog(training.total_epochs, phase.name, evaluates=phase.evaluates),
         StopOnNonFiniteLoss(phase.name),
         *training.callbacks,
+        *phase.callbacks,
     ]
     if phase.backup_dir is not None:
         backup = Backup(phase.backup_dir, training.backup_every_steps, phase.name)

@@ -1,13 +1,16 @@
 """The trainer's head against a converged logistic regression on the same features (a dev tool).
 
     python scripts/dev/head_vs_logreg.py --train DIR --test DIR --weights PATH \
-        [--image-size 96] [-- trainer overrides...]
+        [--image-size 96] [--before CHECKOUT] [-- trainer overrides...]
 
-Runs `python -m trainer` on the folders (its test accuracy, from metrics.json), then computes the
+Runs `python -m trainer` on the folders (its test accuracy, from metrics.json; with --before,
+first the trainer of another checkout, e.g. `git archive main | tar -x -C DIR`, on the same
+folders: both columns side by side, the second run's backbone pass taken from the first's
+feature cache, so both heads train on the same features), then computes the
 pooled features of the same images with the trainer's own feature extractor (the folded
 backbone, float32) and fits scikit-learn's LogisticRegression on them, standardized as the head
 standardizes them: with C=1 (scikit-learn's default) and C=1e4 (nearly unregularized), each to
-convergence. Prints one tab-separated row: trainer, logreg C=1, logreg C=1e4, seconds.
+convergence. Prints one tab-separated row: [before,] trainer, logreg C=1, logreg C=1e4, seconds.
 """
 
 from __future__ import annotations
@@ -27,13 +30,23 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # this checkout's trainer
 
 
-def trainer_accuracy(*, train: str, test: str, weights: str, size: int, extra: list[str]) -> float:
-    """Test accuracy of one `python -m trainer` run on the folders (outputs in a temp dir)."""
+def trainer_accuracy(
+    *,
+    train: str,
+    test: str,
+    weights: str,
+    size: int,
+    extra: list[str],
+    checkout: Path = REPO,
+    feature_cache: str = "null",
+) -> float:
+    """Test accuracy of one `python -m trainer` run of `checkout`'s trainer on the folders
+    (outputs in a temp dir, storage.feature_cache=`feature_cache`)."""
     with tempfile.TemporaryDirectory(prefix="trainer-head-") as scratch:
         command = [sys.executable, "-m", "trainer", f"data.train_dir={train}"]
         command += [f"data.test_dir={test}", f"data.image_size={size}", f"model.weights={weights}"]
-        command += ["storage.feature_cache=null", f"output.dir={scratch}/out", *extra]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        command += [f"storage.feature_cache={feature_cache}", f"output.dir={scratch}/out", *extra]
+        env = dict(os.environ, PYTHONPATH=str(checkout))
         result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"trainer exited {result.returncode}: {result.stderr[-2000:]}")
@@ -71,18 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", required=True)
     parser.add_argument("--weights", required=True, help="model.weights: a notop .h5")
     parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--before", type=Path, help="another checkout's trainer, run first")
     parser.add_argument("overrides", nargs="*", help="more trainer overrides (after --)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     common = dict(train=args.train, test=args.test, weights=args.weights, size=args.image_size)
-    head = trainer_accuracy(**common, extra=args.overrides)
+    heads = {}
+    with tempfile.TemporaryDirectory(prefix="trainer-head-") as cache:
+        if args.before:
+            heads["before"] = trainer_accuracy(
+                **common, extra=args.overrides, checkout=args.before.resolve(), feature_cache=cache
+            )
+        heads["trainer"] = trainer_accuracy(**common, extra=args.overrides, feature_cache=cache)
     from trainer.quiet import quiet_tensorflow_startup
 
     quiet_tensorflow_startup()
     reference = logreg_accuracies(**common)
     seconds = time.perf_counter() - started
-    print("trainer\tlogreg_C1\tlogreg_C1e4\tseconds")
-    print(f"{head:.3f}\t{reference[1.0]:.3f}\t{reference[1e4]:.3f}\t{seconds:.0f}")
+    print("\t".join([*heads, "logreg_C1", "logreg_C1e4", "seconds"]))
+    row = [*heads.values(), reference[1.0], reference[1e4]]
+    print("\t".join(f"{value:.3f}" for value in row) + f"\t{seconds:.0f}")
     return 0
 
 

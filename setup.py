@@ -63,6 +63,9 @@ setup(
             # (what `python3 -m venv` ships) finds that out by backtracking, and once went through
             # 51 botocore wheels (~670 MB, ~3.5 min) first. `pip install --dry-run` shows none now
             "pytest>=8,<9.2",
+            # the default run on two processes (pyproject.toml's addopts): most of its time is
+            # waits (a Job's pods, two workers joining, a signal's timeout) that overlap
+            "pytest-xdist>=3.6,<4",
             "ruff>=0.6",
             "kubernetes-validate>=1.33",
             # exact: checkov caps packaging (<24) and boto3, and with a newer packaging already

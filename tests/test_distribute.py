@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -338,15 +339,22 @@ def test_two_workers_fine_tune_on_training_images_sharded_by_file(folders, tmp_p
                 _trainer(
                     folders,
                     out_dir,
-                    "data.batch_size=8",
+                    "data.batch_size=4",
                     "train.epochs=1",
                     "train.finetune_epochs=1",
                     env={"TF_CONFIG": _tf_config(ports, index)},
                 )
             )
         logs = [_finish(worker, timeout=400) for worker in workers]
-    # 34 files, 2 workers, global batch 16: 16 files each per epoch, 2 steps of 8 per worker.
-    assert all("training images sharded by file: 16 a worker an epoch, 2 steps" in x for x in logs)
+    # 34 files less the validation set held out of them (train.finetune_validation_split), 2
+    # workers, global batch 8: whole global batches of files per worker, the same count on each.
+    from trainer.data import worker_share, worker_steps
+
+    held = int(re.search(r"validation set: (\d+) training images held out", logs[0]).group(1))
+    share, steps = worker_share(34 - held, 8, 2), worker_steps(34 - held, 8, 2)
+    assert share > 0 and steps > 0
+    line = f"training images sharded by file: {share} a worker an epoch, {steps} steps"
+    assert all(line in x for x in logs), (line, re.findall(r"sharded by file[^\n]*", logs[0]))
     assert glob.glob(f"{tmp_path}/**/saved_model", recursive=True) == [f"{out_dir}/saved_model"]
     assert (out_dir / "_SUCCESS").exists()
     metrics = json.loads((out_dir / "metrics.json").read_text())

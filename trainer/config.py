@@ -147,7 +147,13 @@ def _check(ok: bool, key: str, value: object, requirement: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise TrainerError naming the first key whose value is out of range."""
-    d, m, t, dist = cfg.data, cfg.model, cfg.train, cfg.distribute
+    _validate_data(cfg.data)
+    _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
+    _validate_train(cfg.train)
+    _validate_distribute(cfg.distribute)
+
+
+def _validate_data(d: DictConfig) -> None:
     _check(
         d.train_dir not in (None, ""),
         "data.train_dir",
@@ -163,7 +169,9 @@ def validate(cfg: DictConfig) -> None:
             d.validation_split,
             "must be between 0 and 1 (exclusive) when data.test_dir is null",
         )
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+
+
+def _validate_train(t: DictConfig) -> None:
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _check(t.head_min_steps >= 0, "train.head_min_steps", t.head_min_steps, "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
@@ -202,6 +210,9 @@ def validate(cfg: DictConfig) -> None:
     )
     if t.max_hours is not None:
         _check(t.max_hours > 0, "train.max_hours", t.max_hours, "must be > 0, or null")
+
+
+def _validate_distribute(dist: DictConfig) -> None:
     _check(dist.timeout_seconds >= 0, "distribute.timeout_seconds", dist.timeout_seconds, ">= 0")
     if dist.simulate_devices is not None:
         _check(

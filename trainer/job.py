@@ -257,17 +257,10 @@ def evaluate_model(ctx: RunContext, *, model, test_features) -> dict:
     on the test features when the backbone never changed (the serving backbone's, so the
     numbers the full model gives, without another backbone pass), else on images. Both give
     every worker all test predictions, in order. Non-finite predictions: Diverged (exit 6)."""
-    from trainer.features import predict_files
-    from trainer.phases import check_finite
-    from trainer.train import evaluate, predict_in_batches
+    from trainer.phases import check_finite, predictions
+    from trainer.train import evaluate
 
-    if test_features is not None:
-        probabilities = predict_in_batches(model.get_layer("head"), test_features, ctx.batch)
-    else:
-        probabilities = predict_files(
-            model, ctx.test, image_size=ctx.image_size, batch_size=ctx.batch, workers=ctx.workers
-        )
-    probabilities = np.asarray(probabilities)
+    probabilities = predictions(ctx, model=model, split=ctx.test, features=test_features)
     check_finite(probabilities, what="the model's predictions on the test set")
     return evaluate(probabilities, ctx.test.labels, len(ctx.classes))
 

@@ -133,16 +133,24 @@ def train_phases(
     )
 
 
-def _accuracy(ctx: RunContext, *, model, split: Split, features=None) -> float:
-    """`model`'s accuracy on `split`: from its cached `features` through the head, else from
-    its images through the whole model."""
+def predictions(ctx: RunContext, *, model, split: Split, features=None) -> np.ndarray:
+    """`model`'s class probabilities for `split`, in order, on every worker: from its cached
+    `features` through the head (the backbone unchanged since), else from its images through
+    the whole model."""
     from trainer.features import predict_files
     from trainer.train import predict_in_batches
 
     if features is not None:
-        probabilities = predict_in_batches(model.get_layer("head"), features, ctx.batch)
-    else:
-        probabilities = predict_files(model, split, ctx.image_size, ctx.batch, ctx.workers)
+        return np.asarray(predict_in_batches(model.get_layer("head"), features, ctx.batch))
+    return np.asarray(
+        predict_files(
+            model, split, image_size=ctx.image_size, batch_size=ctx.batch, workers=ctx.workers
+        )
+    )
+
+
+def _accuracy(ctx: RunContext, *, model, split: Split, features=None) -> float:
+    probabilities = predictions(ctx, model=model, split=split, features=features)
     return float(np.mean(probabilities.argmax(axis=1) == split.labels))
 
 

@@ -77,6 +77,19 @@ def test_shuffled_feature_batches_keep_features_and_labels_together(tmp_path):
             assert x[:, 0].tolist() == y.tolist()
 
 
+def test_many_shuffled_epochs_of_features_are_each_a_whole_permutation_in_batches():
+    """train.head_min_steps repeats a small set thousands of times (40 epochs x 250 passes):
+    the dataset builds at once, and each pass is the whole set in batches of its own."""
+    labels = np.arange(10, dtype=np.int64)
+    features = labels[:, None].astype(np.float32).repeat(2048, axis=1)
+    ds = feature_dataset(features, labels, 4, shuffle=True, seed=1, epochs=10_000)
+    batches = [y for _, y in ds.as_numpy_iterator()]
+    assert len(batches) == 10_000 * 3 and [len(b) for b in batches[:3]] == [4, 4, 2]
+    passes = [np.concatenate(batches[i : i + 3]) for i in range(0, len(batches), 3)]
+    assert all(sorted(p.tolist()) == labels.tolist() for p in passes)
+    assert len({tuple(p) for p in passes}) > 1000  # each pass in its own seeded order
+
+
 def _log_of(caplog, job, cfg):
     """`job(cfg)` with the trainer's log captured: (its result, the log)."""
     caplog.clear()
@@ -269,3 +282,20 @@ def test_finetuning_keeps_its_best_epoch_not_a_worse_last_one():
     keep.on_train_end()
     np.testing.assert_array_equal(kernel.numpy(), np.full((2, 1), 2.0, np.float32))
     assert keep.best_epoch == 0
+
+
+@pytest.mark.parametrize(
+    ("steps", "backup_every", "expected"),
+    [(500, 0, 50), (63, 0, 63), (4000, 0, 50), (7, 0, 7), (130, 0, 26), (500, 8, 4)],
+)
+def test_head_steps_run_in_calls_that_end_on_each_epoch_and_backup_boundary(
+    steps, backup_every, expected
+):
+    """Several steps a call of the compiled step on cached features, never past an epoch's end
+    (Keras would read the next epoch's batches into this one) nor past a backup point."""
+    from trainer.phases import _steps_per_call
+
+    per_call = _steps_per_call(steps, backup_every=backup_every)
+    assert per_call == expected
+    assert steps % per_call == 0 and per_call <= 64
+    assert not backup_every or backup_every % per_call == 0

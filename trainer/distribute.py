@@ -213,7 +213,7 @@ def _check_keras_for_patch(version: str, tf_trainer) -> None:
 
 def any_worker(strategy: tf.distribute.Strategy, flags) -> np.ndarray:
     """Element by element, whether any worker set the flag (`flags`: booleans): an all-reduce,
-    so every worker must call this with as many flags. The one place the workers agree."""
+    so every worker must call this with as many flags."""
     flags = np.asarray(flags, dtype=np.float32)
     total = strategy.reduce(
         tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(flags)), axis=None
@@ -224,6 +224,19 @@ def any_worker(strategy: tf.distribute.Strategy, flags) -> np.ndarray:
 def every_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     """Whether `flag` holds on every worker (an all-reduce: every worker must call this)."""
     return not any_worker(strategy, [not flag])[0]
+
+
+def mean_over_workers(strategy: tf.distribute.Strategy, arrays: list) -> list[np.ndarray]:
+    """Each of `arrays` averaged over the workers (one all-reduce): the same values on every
+    worker afterwards, bit for bit, whatever rounding each worker's own computation had. Every
+    worker must call this with arrays of the same shapes."""
+    arrays = [np.asarray(a) for a in arrays]
+    flat = np.concatenate([a.astype(np.float32).ravel() for a in arrays])  # one all-reduce
+    mean = strategy.reduce(
+        tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.constant(flat)), axis=None
+    )
+    parts = np.split(np.asarray(mean), np.cumsum([a.size for a in arrays])[:-1])
+    return [part.reshape(a.shape).astype(a.dtype) for part, a in zip(parts, arrays, strict=True)]
 
 
 def device_kinds(strategy: tf.distribute.Strategy) -> list[str]:

@@ -169,10 +169,13 @@ def feature_dataset(
         return ds.with_options(options)
     n = len(labels)
     rng = np.random.default_rng(seed)
-    orders = [rng.permutation(n) for _ in range(epochs)] if shuffle else [np.arange(n)]
-    ds = tf.data.Dataset.from_tensor_slices(orders[0]).batch(batch_size)
-    for order in orders[1:]:  # batches never straddle two epochs
-        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+    orders = np.stack([rng.permutation(n) for _ in range(epochs)] if shuffle else [np.arange(n)])
+    # One order after the other, each batched on its own (batches never straddle two epochs):
+    # a flat_map, not a chain of `concatenate`s, whose building grows with its length (10,000
+    # orders, e.g. 40 epochs of 250 passes, never finished).
+    ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
+        lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+    )
     label_table = tf.constant(labels)
 
     if isinstance(features, np.memmap):  # spilled: read each batch's rows from the file

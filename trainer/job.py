@@ -71,7 +71,9 @@ def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
         from trainer.train import SIGTERM, TimeLimit  # loads Keras, as everything from here on
 
         SIGTERM.check()  # a SIGTERM while the model was built stops here (trainer/train.py)
-        time_limit = TimeLimit(t.max_hours, started=clock.started, workers=ctx.workers[0])
+        time_limit = TimeLimit(
+            t.max_hours, started=clock.started, strategy=ctx.strategy, workers=ctx.workers[0]
+        )
         schedule = schedule_of(cfg, weights=weights)
         trained = train_phases(
             ctx, model=model, schedule=schedule, time_limit=time_limit, clock=clock

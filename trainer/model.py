@@ -138,6 +138,15 @@ def build_head(num_classes: int, dropout: float, seed: int) -> keras.Model:
     )
 
 
+def local_copy(head: keras.Model) -> keras.Model:
+    """A copy of `head` (its layers, weights and penalty) on this process' default device,
+    outside any tf.distribute strategy: what the head trains as on cached features when the run
+    has several replicas (trainer/phases.py). Call outside a strategy's scope."""
+    copy = keras.models.clone_model(head)
+    copy.set_weights(head.get_weights())
+    return copy
+
+
 VARIANCE_FLOOR = 1e-2  # relative to the mean variance: a feature's scale-up is at most 10x
 
 

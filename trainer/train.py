@@ -218,10 +218,11 @@ class TimeLimit(keras.callbacks.Callback):
     epoch (several); `reached` tells the job to evaluate, write metrics and skip the export. One
     instance serves every training phase."""
 
-    def __init__(self, max_hours: float | None, started: float, workers: int = 1):
+    def __init__(self, max_hours: float | None, started: float, strategy=None, workers: int = 1):
         super().__init__()
         self.max_hours = max_hours
         self.deadline = None if max_hours is None else started + max_hours * 3600
+        self.strategy = strategy  # the run's: the head on cached features trains outside it
         self.workers = workers
         self.reached = False
 
@@ -242,7 +243,7 @@ class TimeLimit(keras.callbacks.Callback):
     def _agreed(self) -> bool:
         from trainer.distribute import any_worker
 
-        return bool(any_worker(self.model.distribute_strategy, [self._passed()])[0])
+        return bool(any_worker(self.strategy, [self._passed()])[0])
 
     def _stop(self) -> None:
         if not self.reached:
@@ -270,6 +271,9 @@ class Phase:
     initial_epoch: int = 0
     backup_dir: str | None = None
     callbacks: tuple = ()  # this phase's own, after the run's
+    # Steps in one call of the compiled step (Keras' steps_per_execution); the callbacks run
+    # after each call. It must divide the phase's steps per epoch.
+    steps_per_execution: int = 1
     evaluates: str = "test"  # what its validation data is: test | validation (the log's name)
 
 
@@ -307,6 +311,7 @@ def fit(
             loss=keras.losses.SparseCategoricalCrossentropy(),
             metrics=["accuracy"],
             jit_compile=training.jit_compile,
+            steps_per_execution=phase.steps_per_execution,
         )
     tensorboard = keras.callbacks.TensorBoard(training.log_dir, write_graph=False)
     callbacks = [

@@ -83,11 +83,12 @@ def test_many_shuffled_epochs_of_features_are_each_a_whole_permutation_in_batche
     labels = np.arange(10, dtype=np.int64)
     features = labels[:, None].astype(np.float32).repeat(2048, axis=1)
     ds = feature_dataset(features, labels, 4, shuffle=True, seed=1, epochs=10_000)
-    batches = [y for _, y in ds.as_numpy_iterator()]
-    assert len(batches) == 10_000 * 3 and [len(b) for b in batches[:3]] == [4, 4, 2]
+    assert ds.cardinality() == 10_000 * 3  # Keras reads the length to end an epoch
+    batches = [y for _, y in ds.take(3000).as_numpy_iterator()]  # the first 1,000 passes
+    assert [len(b) for b in batches[:3]] == [4, 4, 2]
     passes = [np.concatenate(batches[i : i + 3]) for i in range(0, len(batches), 3)]
     assert all(sorted(p.tolist()) == labels.tolist() for p in passes)
-    assert len({tuple(p) for p in passes}) > 1000  # each pass in its own seeded order
+    assert len({tuple(p) for p in passes}) > 900  # each pass in its own seeded order
 
 
 def _log_of(caplog, job, cfg):

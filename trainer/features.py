@@ -176,6 +176,8 @@ def feature_dataset(
     ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
         lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
     )
+    # flat_map hides the length; Keras needs it to end an evaluation without a warning
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(orders) * -(-n // batch_size)))
     label_table = tf.constant(labels)
 
     if isinstance(features, np.memmap):  # spilled: read each batch's rows from the file

@@ -103,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; a bad value exits 2 with argparse's one line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=2000, help="N, split over 2 classes")
-    parser.add_argument("--test-images", type=int, default=800, help="M, split over 2 classes")
+    parser.add_argument(
+        "--train-images", type=int, default=2000, help="N, split over 2 classes (not with --data)"
+    )
+    parser.add_argument(
+        "--test-images", type=int, default=800, help="M, split over 2 classes (not with --data)"
+    )
     parser.add_argument("--image-size", type=int, default=224, help="S: square input, pixels")
     parser.add_argument("--epochs", type=int, default=10, help="E: the same for every recipe")
     parser.add_argument(

@@ -1,8 +1,9 @@
-"""scripts/benchmark.py end to end at a tiny size: every figure written, and the chart drawn.
+"""scripts/benchmark.py end to end at a tiny size: every figure written, and the chart drawn;
+with --data/--weights, every row on the folders' classes with the weights file's kernels.
 
 No timing is asserted (the machine is shared and noisy); the default-size figures are read from
 the benchmark's own output, never checked by tests. About 45 s on 2 cores (four TensorFlow
-processes start), so it is not marked slow.
+processes start) for each end-to-end run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from scripts.bench import CONTEXT_KEYS, FIGURE_KEYS
+from scripts.bench import CONTEXT_KEYS, FIGURE_KEYS, REAL_KEYS, kernel_digest
 from scripts.bench.harness import PHASES, REST, trainer_result
 from trainer.timings import STEPS
 
@@ -99,11 +100,66 @@ def test_benchmark_sweep_row_runs_the_backbone_once_and_skipped_rows_are_left_ou
     assert "| sweep: 2-point grid" in stdout and "Keras transfer-learning guide" not in stdout
 
 
+def _real_data(tmp_path, classes: list[str]) -> tuple[str, str]:
+    """Image folders of `classes` (4 train, 2 test images each) and a notop .h5 written as
+    scripts/dev/fetch_imagenet_weights.py writes ImageNet's, from a seeded random ResNet50, with
+    a resnet50_fc1000.npz beside it: (the data folder, the weights file)."""
+    import keras
+    import numpy as np
+
+    from scripts.bench.recipes import TOP_FILE
+    from scripts.dev.fetch_imagenet_weights import write_notop_h5
+    from trainer.model import NOTOP_FILE
+    from trainer.synthetic import make_dataset
+
+    data = tmp_path / "data"
+    make_dataset(str(data / "train"), classes, 4, seed=0)
+    make_dataset(str(data / "test"), classes, 2, seed=1)
+    keras.utils.set_random_seed(11)  # the file's kernels: a row that ignored it would differ
+    weights = tmp_path / "weights" / NOTOP_FILE
+    weights.parent.mkdir()
+    write_notop_h5(model=keras.applications.ResNet50(weights=None, include_top=False), path=weights)
+    rng = np.random.default_rng(0)
+    top = {"kernel": rng.normal(size=(2048, 1000)), "bias": np.zeros(1000)}
+    np.savez(weights.parent / TOP_FILE, **{k: v.astype(np.float32) for k, v in top.items()})
+    return str(data), str(weights)
+
+
+def _file_conv1_digest(weights: str) -> str:
+    """kernel_digest of the conv1 kernel as the .h5 file holds it, read with h5py alone."""
+    import h5py
+
+    with h5py.File(weights, "r") as f:
+        return kernel_digest(f["conv1_conv"]["conv1_conv/kernel"][()])
+
+
+@pytest.mark.slow  # three TensorFlow processes and a ResNet50 built here: about a minute
+def test_benchmark_on_folders_runs_every_row_on_their_classes_with_the_weights_file(tmp_path):
+    data, weights = _real_data(tmp_path, ["boot", "coat", "sandal"])
+
+    figures, stdout = _benchmark(tmp_path, f"--data={data}", f"--weights={weights}")
+
+    assert set(REAL_KEYS) <= set(figures) <= set(FIGURE_KEYS) | set(CONTEXT_KEYS) | set(REAL_KEYS)
+    assert (figures["train_images"], figures["test_images"], figures["classes"]) == (12, 6, 3)
+    rows = ("trainer", "keras_guide", "seed_recipe")
+    assert {row: figures[f"{row}_classes"] for row in rows} == dict.fromkeys(rows, 3)
+    expected = _file_conv1_digest(weights)
+    digests = {row: figures[f"{row}_conv1_digest"] for row in rows}
+    assert digests == dict.fromkeys(rows, expected)  # each row loaded the file's kernels
+    assert figures["seed_recipe_top"] == "resnet50_fc1000.npz"
+    assert figures["weights"] == weights
+    assert "floor" in figures["skipped"] and "floor_s" not in figures  # skipped with --data
+    assert "Weights: conv1 kernel digest after loading, the same weights: trainer " in stdout
+    assert "12 train + 6 test images in 3 classes from " in stdout
+
+
 def test_benchmark_refuses_an_unknown_row_and_a_one_point_sweep(tmp_path):
     script = os.path.join(REPO, "scripts", "benchmark.py")
     for flag, message in (
         ("--skip=trainer", "--skip trainer: no such row"),
         ("--sweep=1", "--sweep (1)"),
+        (f"--data={tmp_path}", "--data and --weights go together"),
+        (f"--weights={tmp_path / 'w.h5'}", "--data and --weights go together"),
     ):
         done = subprocess.run(
             [sys.executable, script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=60
@@ -113,11 +169,13 @@ def test_benchmark_refuses_an_unknown_row_and_a_one_point_sweep(tmp_path):
 
 def test_the_trainer_row_reads_its_phases_from_metrics_json_not_its_log(tmp_path):
     timings = {"startup_s": 1.0, "inputs_s": 0.25, "runtime_s": 1.5, "backbone_pass_s": 3.0}
-    metrics = {"test_accuracy": 0.75, "timings": {**timings, "feature_cache": "miss"}}
+    timings_json = {**timings, "feature_cache": "miss"}
+    metrics = {"test_accuracy": 0.75, "classes": ["a", "b"], "timings": timings_json}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "_SUCCESS").write_text("")
 
     result = trainer_result(out=str(tmp_path), seconds=7.0, log_path="no such log")
 
     assert result["accuracy"] == 0.75 and result["startup_s"] == 2.75  # to the scan's start
+    assert result["classes"] == 2
     assert list(result["phases"].values()) == [1.0, 0.25, 1.5, 3.0, 1.25]  # the rest: 1.25

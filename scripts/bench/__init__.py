@@ -1,8 +1,10 @@
 """The benchmark behind scripts/benchmark.py: `harness` runs and measures each row in its own
 process, `report` prints the table and notes and draws the chart, `recipes` are the rows that
-are not the trainer (the floor, Keras' guide, the seed tutorial), run inside those children.
+are not the trainer (the floor, Keras' guide, the seed tutorial), run inside those children,
+and `probe` runs the trainer as `python -m trainer` does, noting the conv1 kernel it loaded.
 
-What the --json file holds is defined here once; tests/test_benchmark.py imports it.
+What the --json file holds is defined here once, and `kernel_digest`, which every row uses to
+name the weights it loaded; tests/test_benchmark.py imports both.
 """
 
 from __future__ import annotations
@@ -62,4 +64,29 @@ CONTEXT_KEYS = (
     "started_utc",
     "dataset_generation_s",
 )
-KEYS = FIGURE_KEYS + SWEEP_KEYS + CONTEXT_KEYS
+# With --data DIR --weights PATH: the folders' class count, and what each row trained on and
+# loaded (its class count; kernel_digest of its conv1 kernel once the weights were in), so a
+# reader can check that every row ran on the same classes with the same weights.
+REAL_KEYS = (
+    "data",
+    "classes",
+    "trainer_classes",
+    "keras_guide_classes",
+    "seed_recipe_classes",
+    "trainer_conv1_digest",
+    "keras_guide_conv1_digest",
+    "seed_recipe_conv1_digest",
+    "seed_recipe_top",
+)
+KEYS = FIGURE_KEYS + SWEEP_KEYS + CONTEXT_KEYS + REAL_KEYS
+
+
+def kernel_digest(kernel) -> str:
+    """The first 12 hex digits of the SHA-256 of `kernel` as float32 bytes (C order): equal
+    digests, the same values. Takes a NumPy array or a Keras variable."""
+    import hashlib
+
+    import numpy as np
+
+    array = np.ascontiguousarray(np.asarray(kernel, dtype=np.float32))
+    return hashlib.sha256(array.tobytes()).hexdigest()[:12]

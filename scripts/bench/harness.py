@@ -1,6 +1,9 @@
 """Run each row in its own child process and measure it: wall seconds (process start to exit),
 CPU seconds and peak RSS from `os.wait4`; the trainer's accuracy and phase times from the
-`metrics.json` it published (its `timings`), never from its log."""
+`metrics.json` it published (its `timings`), never from its log.
+
+With --data DIR --weights PATH the rows run on DIR's folders instead of generated data, every
+one with PATH's weights, and each reports its class count and conv1 kernel digest (REAL_KEYS)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import time
 from datetime import datetime, timezone
 
 from . import CLASSES, ENTRY, KEYS, REPO
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # metrics.json's timings, in the job's order: (key, the phase it times). README's Outputs
 # section says what each covers.
@@ -38,12 +43,16 @@ REST = "the rest: publishing the outputs, process exit"
 
 
 def benchmark(args: argparse.Namespace, work: str) -> dict:
-    """Generate the data, then measure the floor, the trainer, both recipes and the sweep in
-    turn (those not skipped); the figures of the --json file."""
+    """Generate the data (or count --data's), then measure the floor, the trainer, both recipes
+    and the sweep in turn (those not skipped); the figures of the --json file."""
     started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()
-    data = os.path.join(work, "data")
-    counts, generation_s = make_data(args=args, data=data)
+    if args.data:
+        data, generation_s = args.data, 0.0
+        counts = count_data(data)
+    else:
+        data = os.path.join(work, "data")
+        counts, generation_s = make_data(args=args, data=data)
     rows = [r for r in ("floor", "trainer", "keras_guide", "seed_recipe") if r not in args.skip]
     rows += ["sweep"] if args.sweep else []
     results = {name: measure(name, args=args, data=data, work=work) for name in rows}
@@ -54,11 +63,12 @@ def benchmark(args: argparse.Namespace, work: str) -> dict:
         "test_images": counts["test"],
         "image_size": args.image_size,
         "epochs": args.epochs,
-        "weights": "random init (weights=None / model.weights=null) everywhere",
+        "weights": args.weights or "random init (weights=None / model.weights=null) everywhere",
         "machine": machine(),
         "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
         "started_utc": started_utc,
         "dataset_generation_s": round(generation_s, 1),
+        **(real_figures(results, data=data, classes=counts["classes"]) if args.data else {}),
     }
     unknown = set(figures) - set(KEYS)
     assert not unknown, f"keys missing from scripts/bench/__init__.py's lists: {unknown}"
@@ -100,6 +110,45 @@ def row_figures(results: dict) -> dict:
     return figures
 
 
+def real_figures(results: dict, *, data: str, classes: int) -> dict:
+    """REAL_KEYS: the folders and their class count; each measured row's class count and conv1
+    digest; where the seed recipe's 1000-way top came from."""
+    figures = {"data": data, "classes": classes}
+    for name in ("trainer", "keras_guide", "seed_recipe"):
+        if name in results:
+            figures[f"{name}_classes"] = results[name]["classes"]
+            figures[f"{name}_conv1_digest"] = results[name]["conv1_digest"]
+    if "seed_recipe" in results:
+        figures["seed_recipe_top"] = results["seed_recipe"]["top"]
+    return figures
+
+
+def count_data(data: str) -> dict:
+    """{"train": images, "test": images, "classes": class folders} of --data's folders: the
+    class folders of train/ (test/ must have the same ones)."""
+    folders = {}
+    for split in ("train", "test"):
+        root = os.path.join(data, split)
+        folders[split] = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if folders["train"] != folders["test"]:
+        raise SystemExit(
+            f"--data {data}: train/ has classes {folders['train']}, test/ {folders['test']}"
+        )
+    counts = {"classes": len(folders["train"])}
+    for split in ("train", "test"):
+        counts[split] = sum(
+            name.lower().endswith(IMAGE_SUFFIXES)
+            for folder in folders[split]
+            for name in os.listdir(os.path.join(data, split, folder))
+        )
+    print(
+        f"dataset: {counts['train']} train + {counts['test']} test images, "
+        f"{counts['classes']} classes, from {data}",
+        flush=True,
+    )
+    return counts
+
+
 def make_data(*, args: argparse.Namespace, data: str) -> tuple[dict, float]:
     """The two-class JPEG dataset under `data`; return the image counts per split and seconds."""
     from trainer.synthetic import make_dataset
@@ -117,6 +166,7 @@ def make_data(*, args: argparse.Namespace, data: str) -> tuple[dict, float]:
             seed=seed,
         )
         counts[split] = len(paths)
+    counts["classes"] = len(CLASSES)
     generation_s = time.perf_counter() - t0
     print(
         f"dataset: {counts['train']} train + {counts['test']} test JPEGs (300-500 px) "
@@ -134,6 +184,8 @@ def measure(name: str, *, args: argparse.Namespace, data: str, work: str) -> dic
     out = os.path.join(work, "trainer-out")
     if name == "trainer":
         command = trainer_command(args=args, data=data, out=out, work=work)
+        if args.weights:  # the same run, noting the conv1 kernel it loaded (bench/probe.py)
+            command = [sys.executable, "-m", "scripts.bench.probe", result_path, *command[3:]]
     elif name == "sweep":
         command = sweep_command(args=args, data=data, work=work)
     else:
@@ -142,6 +194,8 @@ def measure(name: str, *, args: argparse.Namespace, data: str, work: str) -> dic
     seconds, cpu_s, rss_mb = run_measured(command, log_path, cwd=work)
     if name == "trainer":
         result = trainer_result(out=out, seconds=seconds, log_path=log_path)
+        if args.weights:
+            result |= probed(result_path, log_path=log_path)
     elif name == "sweep":
         result = sweep_result(points=args.sweep, work=work, log_path=log_path)
     else:
@@ -151,6 +205,14 @@ def measure(name: str, *, args: argparse.Namespace, data: str, work: str) -> dic
         seconds, cpu_s = result["seconds"], result["cpu_s"]
     print(f"  {name}: {seconds:.1f} s, {cpu_s:.1f} CPU s, peak RSS {rss_mb:.0f} MB", flush=True)
     return {"seconds": seconds, "rss_mb": rss_mb, **result, "cpu_s": cpu_s}
+
+
+def probed(result_path: str, *, log_path: str) -> dict:
+    """What scripts/bench/probe.py noted of the trainer's run: its conv1 kernel digest."""
+    if not os.path.exists(result_path):
+        raise SystemExit(f"the trainer loaded no weights file (no {result_path}); see {log_path}")
+    with open(result_path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def recipe_command(name: str, *, args: argparse.Namespace, data: str, result_path: str):
@@ -163,6 +225,7 @@ def recipe_command(name: str, *, args: argparse.Namespace, data: str, result_pat
         *("--train-dir", os.path.join(data, "train"), "--test-dir", os.path.join(data, "test")),
         *("--image-size", str(args.image_size), "--epochs", str(args.epochs)),
         *("--result", result_path),
+        *(("--weights", args.weights) if args.weights else ()),
     ]
 
 
@@ -174,7 +237,7 @@ def trainer_command(*, args: argparse.Namespace, data: str, out: str, work: str)
         "trainer",
         f"data.train_dir={data}/train",
         f"data.test_dir={data}/test",
-        "model.weights=null",
+        f"model.weights={args.weights or 'null'}",
         f"train.epochs={args.epochs}",
         f"data.image_size={args.image_size}",
         f"output.dir={out}",
@@ -201,7 +264,7 @@ def sweep_command(*, args: argparse.Namespace, data: str, work: str) -> list[str
         "-m",
         f"data.train_dir={data}/train",
         f"data.test_dir={data}/test",
-        "model.weights=null",
+        f"model.weights={args.weights or 'null'}",
         f"train.epochs={args.epochs}",
         f"data.image_size={args.image_size}",
         "train.learning_rate=" + ",".join(f"{rate:g}" for rate in rates),
@@ -229,6 +292,7 @@ def trainer_result(*, out: str, seconds: float, log_path: str) -> dict:
     startup = [timings[key] for key in STARTUP if key in timings]
     return {
         "accuracy": metrics["test_accuracy"],
+        "classes": len(metrics["classes"]),
         "timings": timings,
         "phases": trainer_phases(timings, total_s=seconds),
         # process start to the first image decoded (the bad-image scan starts decoding)

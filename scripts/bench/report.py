@@ -3,6 +3,8 @@ trainer's phases, the machine) and the bar chart."""
 
 from __future__ import annotations
 
+import os
+
 ROWS = (
     ("floor", "floor: backbone forward pass only"),
     ("floor_folded", "the same, BatchNorm folded (the trainer's backbone)"),
@@ -41,8 +43,9 @@ def markdown_table(figures: dict) -> str:
     peak RSS: one row per contender. A row whose cores-busy figure is far below the machine's
     core count was starved by other processes, and its wall seconds are inflated."""
     lines = [
-        f"{figures['train_images']} train + {figures['test_images']} test images, "
-        f"{figures['image_size']} px, {figures['epochs']} epochs, ResNet50 with random init",
+        f"{figures['train_images']} train + {figures['test_images']} test images"
+        f"{_classes(figures)}, {figures['image_size']} px, {figures['epochs']} epochs, "
+        f"ResNet50 with {_weights(figures)}",
         "",
         "| run | seconds | images/s | x trainer | CPU s | x trainer (CPU) | cores busy "
         "| test accuracy | peak RSS (MB) |",
@@ -50,6 +53,39 @@ def markdown_table(figures: dict) -> str:
     ]
     lines += [_table_row(figures, key=key, label=label) for key, label in _rows(figures)]
     return "\n".join(lines)
+
+
+def _classes(figures: dict) -> str:
+    """' in C classes from DIR' for a --data run; '' for generated data (two classes)."""
+    return f" in {figures['classes']} classes from {figures['data']}" if "data" in figures else ""
+
+
+def _weights(figures: dict) -> str:
+    """What the rows' ResNet50 started from: 'random init', or the weights file --weights named."""
+    if "data" not in figures:
+        return "random init"
+    return f"the weights of {os.path.basename(figures['weights'])}"
+
+
+def weights_check(figures: dict) -> list[str]:
+    """A --data run's lines on what each row trained on: its class count and its conv1 kernel
+    digest after loading (equal digests: the same weights), and the seed recipe's top."""
+    if "data" not in figures:
+        return []
+    rows = [r for r in ("trainer", "keras_guide", "seed_recipe") if f"{r}_conv1_digest" in figures]
+    digests = {figures[f"{row}_conv1_digest"] for row in rows}
+    classes = {figures[f"{row}_classes"] for row in rows}
+    same = "the same weights" if len(digests) == 1 else "NOT the same weights"
+    lines = [
+        f"Weights: conv1 kernel digest after loading, {same}: "
+        + ", ".join(f"{row} {figures[f'{row}_conv1_digest']}" for row in rows),
+        f"Classes trained on ({figures['classes']} folders"
+        f"{'' if classes == {figures['classes']} else ', NOT every row'}): "
+        + ", ".join(f"{row} {figures[f'{row}_classes']}" for row in rows),
+    ]
+    if "seed_recipe_top" in figures:
+        lines.append(f"The seed recipe's 1000-way top: {figures['seed_recipe_top']}.")
+    return lines
 
 
 def _table_row(figures: dict, *, key: str, label: str) -> str:
@@ -117,12 +153,18 @@ def notes(figures: dict) -> str:
     lines = [
         f"images/s = {images} dataset images / seconds (end to end; the floor: its forward pass "
         "alone). CPU s = user + system seconds of the run's process, all threads; cores busy = "
-        "CPU s / seconds. Every model has random weights (no download); the compute is the "
-        "ImageNet one.",
+        "CPU s / seconds. "
+        + (
+            "Every row loaded --weights (the floor is skipped with --data: its time does not "
+            "depend on the weights)."
+            if "data" in fig
+            else "Every model has random weights (no download); the compute is the ImageNet one."
+        ),
         f"Targets (trainer_s <= 1.15 x floor_s at the default size, 2,000 + 800 images, 224 px;"
         f" <= 1.5 x elsewhere; skipped rows: {', '.join(fig.get('skipped', [])) or 'none'}):",
         *(f"  [{'met' if ok else 'MISSED'}] {text}" for text, ok in target_checks(fig)),
         *overhead,
+        *weights_check(fig),
         "Trainer phases (s, from its metrics.json timings; the rest of its process time last):",
         *(f"  {k}: {v}" for k, v in fig["trainer_phases_s"].items()),
         f"Machine: {fig['machine']}.",
@@ -159,7 +201,10 @@ def draw_chart(figures: dict, path: str) -> None:
         draw.text((20, y + 12), label.replace("`", ""), fill="black", font=small)
         _bar(draw, figures, key=key, box=(left, y, scale, bar_h), font=small)
     footer = [
-        "ResNet50 with random init everywhere (no download): the same compute as ImageNet weights",
+        f"ResNet50 with {_weights(figures)} everywhere"
+        if "data" in figures
+        else "ResNet50 with random init everywhere (no download): the same compute as ImageNet "
+        "weights",
         figures["machine"],
     ]
     for i, line in enumerate(footer):

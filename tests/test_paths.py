@@ -186,10 +186,10 @@ def test_sigterm_to_a_worker_backs_up_exits_143_the_other_exits_4_and_a_rerun_re
     out = tmp_path / "out"
     overrides = [*SMALL, "train.epochs=40"]
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    # Each worker trains the head on its own (trainer/phases.py: _trainee), in ~1 ms a step: 500
+    # Each worker trains the head on its own (trainer/phases.py: _trainee), in ~1 ms a step: 200
     # steps an epoch keep the signal inside the head phase. The other worker trains on to the
     # phase's end, where the all-reduce of the head's weights finds its peer gone.
-    workers = _start_workers(data, out, *overrides, "train.head_min_steps=20000", logs=logs)
+    workers = _start_workers(data, out, *overrides, "train.head_min_steps=8000", logs=logs)
     try:
         wait_for_text(logs[victim], "epoch 3/40", workers[victim], timeout=300)
         workers[victim].send_signal(signal.SIGTERM)

@@ -8,9 +8,11 @@ first the trainer of another checkout, e.g. `git archive main | tar -x -C DIR`, 
 folders: both columns side by side, the second run's backbone pass taken from the first's
 feature cache, so both heads train on the same features), then computes the
 pooled features of the same images with the trainer's own feature extractor (the folded
-backbone, float32) and fits scikit-learn's LogisticRegression on them, standardized as the head
-standardizes them: with C=1 (scikit-learn's default) and C=1e4 (nearly unregularized), each to
-convergence. Prints one tab-separated row: [before,] trainer, logreg C=1, logreg C=1e4, seconds.
+backbone, in the precision the trainer's run used: train.precision from the overrides, else
+auto, which is mixed_bfloat16 on a CPU with native bf16) and fits scikit-learn's
+LogisticRegression on them, standardized as the head standardizes them: with C=1
+(scikit-learn's default) and C=1e4 (nearly unregularized), each to convergence. Prints one
+tab-separated row: [before,] trainer, logreg C=1, logreg C=1e4, seconds.
 """
 
 from __future__ import annotations
@@ -53,14 +55,21 @@ def trainer_accuracy(
         return json.loads(Path(scratch, "out", "metrics.json").read_text())["test_accuracy"]
 
 
-def logreg_accuracies(*, train: str, test: str, weights: str, size: int) -> dict[float, float]:
-    """C -> test accuracy of LogisticRegression on the standardized float32 pooled features."""
+def logreg_accuracies(
+    *, train: str, test: str, weights: str, size: int, precision: str = "auto"
+) -> dict[float, float]:
+    """C -> test accuracy of LogisticRegression on the standardized pooled features, computed in
+    `precision` (train.precision's values; a run at the defaults computes its features in
+    `auto`'s: mixed_bfloat16 on a CPU with native bf16, whose features differ from float32's)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     from trainer.data import load_splits
+    from trainer.distribute import choose_precision
     from trainer.features import extract_features
     from trainer.model import build_model, feature_extractor
+
+    choose_precision(precision)
 
     classes, train_split, test_split = load_splits(train, test, 0.2, seed=0)
     extractor = feature_extractor(build_model(len(classes), size, weights, dropout=0.0))
@@ -99,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.quiet import quiet_tensorflow_startup
 
     quiet_tensorflow_startup()
-    reference = logreg_accuracies(**common)
+    # The regression's features in the precision the trainer's run computed its own in
+    precision = next(
+        (o.split("=", 1)[1] for o in args.overrides if o.startswith("train.precision=")), "auto"
+    )
+    reference = logreg_accuracies(**common, precision=precision)
     seconds = time.perf_counter() - started
     print("\t".join([*heads, "logreg_C1", "logreg_C1e4", "seconds"]))
     row = [*heads.values(), reference[1.0], reference[1e4]]

@@ -411,7 +411,9 @@ def test_a_worker_that_never_joins_makes_the_other_exit_non_zero(folders, tmp_pa
 @pytest.mark.slow  # two workers, then the collective timeout
 def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders, tmp_path):
     """Worker 1 stays alive (its heartbeats go on) but its Python stops in the training loop, as
-    in a deadlock: worker 0's next collective gives up after distribute.timeout_seconds."""
+    in a deadlock: worker 0's next collective gives up after distribute.timeout_seconds. (On
+    cached features each worker trains the head alone: that collective is the all-reduce of the
+    head's weights at the phase's end, after worker 0's last epoch.)"""
     hang = tmp_path / "hang"  # a sitecustomize for worker 1 only: SIGUSR1 makes it hang
     hang.mkdir()
     (hang / "sitecustomize.py").write_text(
@@ -448,6 +450,5 @@ def test_a_live_worker_that_hangs_makes_the_other_exit_after_the_timeout(folders
         waited = time.monotonic() - hung
         assert workers[1].poll() is None, "worker 1 was meant to hang alive, not to exit"
     assert workers[0].returncode not in (0, None), logs[0].read_text()[-3000:]
-    assert f"epoch {epochs}/{epochs}" not in logs[0].read_text()
     assert waited >= timeout - 1
     assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -159,7 +159,7 @@ def _head_on_features(
 ) -> Trained:
     from trainer.features import feature_dataset, passes_per_epoch
     from trainer.model import set_feature_statistics
-    from trainer.train import Phase
+    from trainer.train import AgreeOnWeights, Phase
 
     log.info("fast path: frozen backbone, no augmentation -> backbone runs once per image")
     clock.restart()
@@ -199,6 +199,8 @@ def _head_on_features(
             learning_rate=schedule.learning_rate,
             epochs=schedule.epochs,
             backup_dir=ctx.run_dir.head_backup,
+            # each worker trained its own copy: the same weights on all of them at the end
+            callbacks=(AgreeOnWeights(ctx.strategy),) if ctx.workers[0] > 1 else (),
             steps_per_execution=_steps_per_call(
                 steps_per_epoch, backup_every=schedule.backup_every_steps
             ),
@@ -206,7 +208,7 @@ def _head_on_features(
         steps_per_epoch=steps_per_epoch,
     )
     if trainee is not head:
-        head.set_weights(_agreed(ctx, weights=trainee.get_weights()))
+        head.set_weights(trainee.get_weights())
     clock.lap("head_s")
     return Trained(fast_path=True, test_features=features["test"], cache_outcome=outcome)
 
@@ -231,23 +233,13 @@ def _trainee(ctx: RunContext, *, head):
     feature, so the head's convex little problem needs no replica: under tf.distribute each of
     its ~1,000 steps would be an all-reduce (21 ms a step between two workers on loopback against
     ~2 ms on one device), for a model of 2,048 x classes weights. The global batch is the same,
-    so is the optimization; the copy's weights go back into the model after the phase."""
+    so is the optimization; the copy's weights (agreed between the workers at the end of its
+    `fit`: trainer/train.py's AgreeOnWeights) go back into the model after the phase."""
     if ctx.strategy.num_replicas_in_sync == 1:
         return head
     from trainer.model import local_copy
 
     return local_copy(head)
-
-
-def _agreed(ctx: RunContext, *, weights: list) -> list:
-    """The head's trained weights, the same on every worker: each worker trained the same copy
-    on the same features in the same order, and one all-reduce (their mean) removes whatever
-    its own rounding left; it is also where a worker learns that a peer was lost meanwhile."""
-    if ctx.workers[0] == 1:
-        return weights
-    from trainer.distribute import mean_over_workers
-
-    return mean_over_workers(ctx.strategy, weights)
 
 
 def _backbone_features(

@@ -182,6 +182,23 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+class AgreeOnWeights(keras.callbacks.Callback):
+    """At the end of training, the model's weights replaced by their mean over the workers of
+    `strategy` (one all-reduce, trainer/distribute.py): for a model each worker trained alone on
+    the same data (the head on cached features, trainer/phases.py), identical bit for bit on
+    every worker afterwards. Listed before the backup, so a peer lost by then (the all-reduce
+    fails, exit 4) leaves the backup for the retry to resume from."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def on_train_end(self, logs=None):
+        from trainer.distribute import mean_over_workers
+
+        self.model.set_weights(mean_over_workers(self.strategy, self.model.get_weights()))
+
+
 class KeepBest(keras.callbacks.Callback):
     """Fine-tuning keeps its best epoch: the weights with the highest validation accuracy, the
     starting weights (phase 1's end, `baseline` their accuracy) included, are the model's at the

@@ -428,10 +428,10 @@ def _decoded_once(
         buffer = min(len(files), max(fit, SPILL_SHUFFLE_MIN))
         log.info(
             "decoded images of %s spilled to a tf.data cache file (over "
-            "train.feature_cache_max_mb=%d); shuffle buffer %d images",
+            "train.feature_cache_max_mb=%d)%s",
             os.path.basename(cache.path),
             cache.max_mb,
-            buffer,
+            f"; shuffle buffer {buffer} images" if shuffle else "",
         )
     else:
         ds = ds.cache()

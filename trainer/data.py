@@ -400,9 +400,9 @@ def _decoded_once(
 
     Order: the files are cached in a seeded random order; with `shuffle`, each pass then goes
     through a shuffle buffer with its own seeded order. In memory the buffer holds every image,
-    a uniform new permutation each epoch at no extra memory (the buffer and the cache share the
-    tensors); from the spill file it holds what fits under `cache.max_mb` (at least
-    SPILL_SHUFFLE_MIN images): each epoch is still a permutation of the set in a new order,
+    a uniform new permutation each epoch (it holds the cache's tensors, not copies: tensors
+    share their buffers); from the spill file it holds what fits under `cache.max_mb` (at
+    least SPILL_SHUFFLE_MIN images): each epoch is still a permutation of the set in a new order,
     mixed within that window of the cached order (itself random, so batches mix the classes).
 
     `shard` (workers, index): this worker reads only every `workers`-th file from `index` on,

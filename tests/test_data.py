@@ -379,8 +379,43 @@ def test_each_worker_decodes_only_its_own_share_once_and_trains_on_all_of_it(tmp
     first = [_files_of([next(s)[0].tobytes() for _ in range(own)], original) for s in streams]
     for path in split.files:
         Image.new("RGB", (40, 40), (7, 200, 90)).save(path, "JPEG")
-    second = [_files_of([next(s)[0].tobytes() for _ in range(own)], original) for s in streams]
+    # Six more passes: more than the pipeline reads ahead (decoded before the files changed).
+    later = [_files_of([next(s)[0].tobytes() for _ in range(6 * own)], original) for s in streams]
 
     assert sorted(first[0] + first[1]) == list(range(len(split)))
     for index in range(2):
-        assert sorted(second[index]) == sorted(first[index]) and second[index] != first[index]
+        passes = [later[index][i : i + own] for i in range(0, 6 * own, own)]
+        assert all(sorted(p) == sorted(first[index]) for p in passes)
+        assert len({tuple(p) for p in [first[index], *passes]}) > 1  # new orders
+
+
+def test_keras_epochs_after_the_first_never_read_the_files(tmp_path):
+    """What the phases do, in small: Keras' fit over a training and a test pipeline whose files
+    all become undecodable once epoch 1 ends; a later epoch that read one would fail."""
+    import keras
+
+    train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
+    _, train, test = load_splits(str(train_dir), str(test_dir), 0.2, seed=0)
+    run_dir = RunDir(str(tmp_path / "run"))
+
+    def pipeline(split, name, **kw):
+        cache = PixelCache(max_mb=64, path=run_dir.pixel_spill(name))
+        return image_dataset(split, 32, 4, cache=cache, **kw)
+
+    def break_files(epoch, logs):
+        for path in train.files + test.files:
+            Path(path).write_bytes(b"not an image any more")
+
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(
+        pipeline(train, "train", shuffle=True, augment=True, seed=1),
+        validation_data=pipeline(test, "test"),
+        epochs=3,
+        verbose=0,
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=break_files)],
+    )
+
+    assert len(history.history["val_loss"]) == 3

@@ -22,13 +22,16 @@ from tests.conftest import (
 from tests.support.hygiene import forget_process_caches
 from trainer import TrainerError
 from trainer.data import (
+    PixelCache,
     drop_bad_images,
     hold_out,
+    image_dataset,
     list_image_folder,
     load_splits,
 )
 from trainer.images import decode_image
 from trainer.job import run
+from trainer.rundir import RunDir
 from trainer.synthetic import make_dataset
 
 
@@ -266,3 +269,153 @@ def test_on_bad_image_fail_is_an_error_naming_the_file(tmp_path, cfg):
     with pytest.raises(TrainerError, match=f"^{train_dir}/cat/broken.jpg: cannot decode image"):
         run(configure(cfg, "data.on_bad_image=fail"))
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+# --- each image decoded once a run (image_dataset's pixel cache) -------------------------------
+
+
+def _epochs(ds, count: int) -> list[list[bytes]]:
+    """`count` passes over `ds` (as Keras' epochs make them): each image's pixels, in order."""
+    return [
+        [image.tobytes() for x, _ in ds.as_numpy_iterator() for image in x] for _ in range(count)
+    ]
+
+
+def _training_split(tmp_path):
+    train_dir, test_dir = make_folders(tmp_path / "data", train=6, test=1)
+    return load_splits(str(train_dir), str(test_dir), 0.2, seed=0)[1]
+
+
+def _decoded(files, size: int = 32) -> np.ndarray:
+    import tensorflow as tf
+
+    return np.stack([decode_image(tf.io.read_file(path), size).numpy() for path in files])
+
+
+def test_each_training_image_is_read_once_over_the_epochs(tmp_path):
+    """The epochs after the first serve the kept pixels: every file replaced by another image
+    after epoch 1 changes nothing the later epochs see. Kept as uint8, each pixel is within the
+    rounding (0.5) of decode_image's float32, and the model still gets float32."""
+    split = _training_split(tmp_path)
+    cache = PixelCache(max_mb=64, path=RunDir(str(tmp_path / "run")).pixel_spill("train"))
+    ds = image_dataset(split, 32, 4, shuffle=True, seed=3, cache=cache)
+    assert ds.element_spec[0].dtype.name == "float32"
+    first = _epochs(ds, 1)[0]
+    original = _decoded(split.files)
+    other = Image.new("RGB", (40, 40), (7, 200, 90))
+    for path in split.files:
+        other.save(path, "JPEG")
+
+    later = _epochs(ds, 2)
+
+    assert all(sorted(epoch) == sorted(first) for epoch in later)
+    kept = np.stack([np.frombuffer(b, np.float32).reshape(32, 32, 3) for b in first])
+    gaps = np.abs(kept[:, None] - original[None]).max(axis=(2, 3, 4))  # each kept vs each file
+    assert np.all(gaps.min(axis=1) <= 0.5) and np.all(gaps.min(axis=0) <= 0.5)
+    assert not (tmp_path / "run").exists()  # under the limit: nothing spilled
+
+
+def test_each_epoch_is_a_new_seeded_permutation_of_the_training_set(tmp_path):
+    split = _training_split(tmp_path)
+    cache = PixelCache(max_mb=64, path=str(tmp_path / "unused"))
+    epochs = _epochs(image_dataset(split, 32, 5, shuffle=True, seed=3, cache=cache), 3)
+    again = _epochs(image_dataset(split, 32, 5, shuffle=True, seed=3, cache=cache), 1)
+
+    assert len(epochs[0]) == len(split) == len(set(epochs[0]))
+    assert all(sorted(epoch) == sorted(epochs[0]) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # each in another order
+    assert again[0] == epochs[0]  # the seed decides the orders
+
+
+def test_spilled_pixels_are_those_kept_in_memory_in_a_file_of_the_run_dir(tmp_path):
+    split = _training_split(tmp_path)
+    run_dir = RunDir(str(tmp_path / "run"))
+
+    def passes(max_mb: int) -> list[list[bytes]]:
+        cache = PixelCache(max_mb=max_mb, path=run_dir.pixel_spill("train"))
+        return _epochs(image_dataset(split, 32, 4, shuffle=True, seed=3, cache=cache), 2)
+
+    in_memory, spilled = passes(64), passes(0)
+
+    assert [sorted(epoch) for epoch in spilled] == [sorted(in_memory[0])] * 2
+    assert spilled[0] != spilled[1]  # the spill file's epochs are shuffled too
+    written = {p.relative_to(tmp_path).parts[:2] for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {("data", "train"), ("data", "test"), ("run", ".pixel_cache")}
+
+
+def test_an_augmented_run_spilling_its_pixels_removes_the_spill(tmp_path, cfg, caplog):
+    train_dir, test_dir = make_folders(tmp_path / "data", train=8, test=4)
+    configure(cfg, f"data.train_dir={train_dir}", f"data.test_dir={test_dir}", "train.epochs=2")
+    configure(cfg, "data.augment=true", "train.feature_cache_max_mb=0")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        metrics = run(cfg)
+
+    assert metrics["fast_path"] is False
+    assert "decoded images of train spilled to a tf.data cache file" in caplog.text
+    assert "decoded images of test spilled to a tf.data cache file" in caplog.text
+    assert not any(p.name == ".pixel_cache" for p in (tmp_path / "out").rglob("*"))
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def _files_of(images: list[bytes], original: np.ndarray) -> list[int]:
+    """Which of the decoded `original` images each of `images` is (within the uint8 rounding)."""
+    kept = np.stack([np.frombuffer(b, np.float32).reshape(original.shape[1:]) for b in images])
+    gaps = np.abs(kept[:, None] - original[None]).max(axis=(2, 3, 4))
+    assert np.all(gaps.min(axis=1) <= 0.5)
+    return [int(i) for i in gaps.argmin(axis=1)]
+
+
+def test_each_worker_decodes_only_its_own_share_once_and_trains_on_all_of_it(tmp_path):
+    """shard=(2, i): the workers' files are disjoint and cover the set; each worker's stream
+    goes over its own files again and again, each pass a new order, from the kept pixels."""
+    split = _training_split(tmp_path)
+    original = _decoded(split.files)
+    streams = []
+    for index in range(2):
+        cache = PixelCache(max_mb=64, path=str(tmp_path / f"unused-{index}"))
+        ds = image_dataset(split, 32, 2, shuffle=True, seed=3, shard=(2, index), cache=cache)
+        streams.append(ds.unbatch().as_numpy_iterator())
+    own = len(split) // 2
+    first = [_files_of([next(s)[0].tobytes() for _ in range(own)], original) for s in streams]
+    for path in split.files:
+        Image.new("RGB", (40, 40), (7, 200, 90)).save(path, "JPEG")
+    # Six more passes: more than the pipeline reads ahead (decoded before the files changed).
+    later = [_files_of([next(s)[0].tobytes() for _ in range(6 * own)], original) for s in streams]
+
+    assert sorted(first[0] + first[1]) == list(range(len(split)))
+    for index in range(2):
+        passes = [later[index][i : i + own] for i in range(0, 6 * own, own)]
+        assert all(sorted(p) == sorted(first[index]) for p in passes)
+        assert len({tuple(p) for p in [first[index], *passes]}) > 1  # new orders
+
+
+def test_keras_epochs_after_the_first_never_read_the_files(tmp_path):
+    """What the phases do, in small: Keras' fit over a training and a test pipeline whose files
+    all become undecodable once epoch 1 ends; a later epoch that read one would fail."""
+    import keras
+
+    train_dir, test_dir = make_folders(tmp_path / "data", train=4, test=2)
+    _, train, test = load_splits(str(train_dir), str(test_dir), 0.2, seed=0)
+    run_dir = RunDir(str(tmp_path / "run"))
+
+    def pipeline(split, name, **kw):
+        cache = PixelCache(max_mb=64, path=run_dir.pixel_spill(name))
+        return image_dataset(split, 32, 4, cache=cache, **kw)
+
+    def break_files(epoch, logs):
+        for path in train.files + test.files:
+            Path(path).write_bytes(b"not an image any more")
+
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(
+        pipeline(train, "train", shuffle=True, augment=True, seed=1),
+        validation_data=pipeline(test, "test"),
+        epochs=3,
+        verbose=0,
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=break_files)],
+    )
+
+    assert len(history.history["val_loss"]) == 3

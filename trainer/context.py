@@ -86,7 +86,7 @@ class Schedule:
     finetune_from: str
     finetune_learning_rate: float
     backup_every_steps: int
-    spill_above_mb: int  # train.feature_cache_max_mb: larger feature sets are memory-mapped
+    spill_above_mb: int  # train.feature_cache_max_mb: bigger features and decoded pixels spill
     augment: bool  # data.augment: the head trains on images, else on the backbone's features
     finetune_augment: bool  # train.finetune_augment: fine-tuning's images augmented
     cache_uri: str | None  # storage.feature_cache: features shared across runs; None: off

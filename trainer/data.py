@@ -281,6 +281,26 @@ def drop_bad_images(
     return kept
 
 
+# The spill path's shuffle buffer holds at least this many decoded images (about 38 MB at 224
+# px), so even train.feature_cache_max_mb=0 gives each epoch a new order.
+SPILL_SHUFFLE_MIN = 256
+
+
+@dataclass(frozen=True)
+class PixelCache:
+    """Where a pipeline keeps its decoded pixels: in memory while they take at most `max_mb`
+    (train.feature_cache_max_mb), else in a tf.data cache file at `path` (in the run's pixel
+    spill folder, trainer/rundir.py)."""
+
+    max_mb: int
+    path: str
+
+
+def pixels_spill(rows: int, image_size: int, *, max_mb: int) -> bool:
+    """Whether `rows` decoded uint8 images go to the spill file rather than memory."""
+    return rows * image_size * image_size * 3 > max_mb * 2**20
+
+
 def image_dataset(
     split: Split,
     image_size: int,
@@ -290,15 +310,62 @@ def image_dataset(
     augment: bool = False,
     seed: int = 0,
     shard: tuple[int, int] = (1, 0),
+    cache: PixelCache | None = None,
 ):
-    """Batched (pixels, label) pairs: parallel read, decode and resize, then prefetch.
+    """Batched (pixels, label) pairs, float32 0..255: read, decode and resize, then augment
+    (each batch, every pass anew) and prefetch.
 
-    `shard` (workers, index), for multi-worker training with `shuffle`: every worker shuffles
+    Without `cache` every pass reads and decodes every file again (one pass needs no more).
+    With it (`_decoded_once`) each file is decoded once and its pixels kept, so the epochs
+    after the first only shuffle, augment and train; `shard` (workers, index) then means: this
+    worker decodes only its own fixed share of the files, repeated without end.
+
+    Without `cache`, `shard`, for multi-worker training with `shuffle`: every worker shuffles
     the paths alike, then reads and decodes only its own `worker_share` of them, repeated without
     end (train `worker_steps` steps an epoch); each epoch leaves out fewer than one global batch
     per worker, different files each time. tf.distribute would otherwise decode every file on
     every worker and drop most.
     """
+    import tensorflow as tf
+
+    if cache is None:
+        ds = _decoded_each_pass(
+            split, image_size, batch_size, shuffle=shuffle, seed=seed, shard=shard
+        )
+    else:
+        ds = _decoded_once(split, image_size, cache=cache, shuffle=shuffle, seed=seed, shard=shard)
+    ds = ds.batch(batch_size)
+    augmenter = _augmenter(seed) if augment else None
+
+    def to_model(x, y):  # the cache holds uint8; the model sees float32 as decode_image gives
+        x = tf.cast(x, tf.float32)
+        return (augmenter(x, training=True) if augment else x), y
+
+    if cache is not None or augment:
+        ds = ds.map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
+    if shard[0] > 1:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
+    # tf.data's autotuner off: with it on, ResNet50 fed by this pipeline ran at times (in about
+    # half of the runs, at random) on one core's worth of CPU, its two compute threads taking
+    # turns; with it off, every run used both cores (docs/performance.md). AUTOTUNE then means
+    # min(16, schedulable cores) decode calls, and two batches are read ahead.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(2).with_options(options)
+
+
+def _decoded_each_pass(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    shard: tuple[int, int],
+):
+    """(pixels, label) elements, each file read and decoded again on every pass."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((split.files, split.labels))
@@ -308,27 +375,84 @@ def image_dataset(
     if workers > 1:
         share = worker_share(len(split), batch_size, workers)
         ds = ds.take(share * workers).shard(workers, index).repeat()
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        ds = ds.with_options(options)
-    ds = ds.map(
+    return ds.map(
         lambda path, label: (decode_image(tf.io.read_file(path), image_size), label),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=not shuffle,
     )
-    ds = ds.batch(batch_size)
-    if augment:
-        augmenter = _augmenter(seed)
-        ds = ds.map(
-            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+
+
+def _decoded_once(
+    split: Split,
+    image_size: int,
+    *,
+    cache: PixelCache,
+    shuffle: bool,
+    seed: int,
+    shard: tuple[int, int],
+):
+    """(uint8 pixels, label) elements, each file of this worker's share read and decoded on the
+    first pass only, its resized pixels kept (rounded to uint8: a quarter of float32's memory,
+    each pixel within 0.5 of decode_image's) by tf.data's cache, which fills on the first
+    complete pass and then serves every later one. Memory: image_size² x 3 bytes an image
+    while the pipeline lives (2,000 images at 224 px: 301 MB), unless `cache.max_mb` sends
+    them to the spill file.
+
+    Order: the files are cached in a seeded random order; with `shuffle`, each pass then goes
+    through a shuffle buffer with its own seeded order. In memory the buffer holds every image,
+    a uniform new permutation each epoch (it holds the cache's tensors, not copies: tensors
+    share their buffers); from the spill file it holds what fits under `cache.max_mb` (at
+    least SPILL_SHUFFLE_MIN images): each epoch is still a permutation of the set in a new order,
+    mixed within that window of the cached order (itself random, so batches mix the classes).
+
+    `shard` (workers, index): this worker reads only every `workers`-th file from `index` on,
+    the same files every epoch (a file's pixels are kept by the one worker that decoded them),
+    and repeats them without end: tf.distribute then takes `worker_steps` steps an epoch from
+    that stream, the same number on every worker, so an epoch of `worker_share` files ends
+    wherever it ends and the next goes on from there: every file trains as often as any other
+    of its worker's. (Without the cache each epoch gave each worker different files.)
+    """
+    import tensorflow as tf
+
+    workers, index = shard
+    files, labels = split.files[index::workers], split.labels[index::workers]
+    order = np.random.default_rng(seed).permutation(len(files))
+    ds = tf.data.Dataset.from_tensor_slices(([files[i] for i in order], labels[order]))
+    ds = ds.map(
+        lambda path, label: (_to_uint8(decode_image(tf.io.read_file(path), image_size)), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = _kept(ds, rows=len(files), image_size=image_size, cache=cache, shuffle=shuffle, seed=seed)
+    return ds.repeat() if workers > 1 else ds
+
+
+def _kept(ds, *, rows: int, image_size: int, cache: PixelCache, shuffle: bool, seed: int):
+    """`ds` (`rows` decoded images) cached in memory or in `cache.path`, then shuffled each pass
+    (`shuffle`) with a buffer of every image in memory, of the limit's worth from the file."""
+    buffer = rows
+    if not pixels_spill(rows, image_size, max_mb=cache.max_mb):
+        ds = ds.cache()
+    else:
+        os.makedirs(os.path.dirname(cache.path), exist_ok=True)
+        ds = ds.cache(cache.path)
+        fit = cache.max_mb * 2**20 // (image_size * image_size * 3)
+        buffer = min(rows, max(fit, SPILL_SHUFFLE_MIN))
+        log.info(
+            "decoded images of %s spilled to a tf.data cache file (over "
+            "train.feature_cache_max_mb=%d)%s",
+            os.path.basename(cache.path),
+            cache.max_mb,
+            f"; shuffle buffer {buffer} images" if shuffle else "",
         )
-    # tf.data's autotuner off: with it on, ResNet50 fed by this pipeline ran at times (in about
-    # half of the runs, at random) on one core's worth of CPU, its two compute threads taking
-    # turns; with it off, every run used both cores (docs/performance.md). AUTOTUNE then means
-    # min(16, schedulable cores) decode calls, and two batches are read ahead.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.prefetch(2).with_options(options)
+    return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True) if shuffle else ds
+
+
+def _to_uint8(pixels):
+    """decode_image's float32 0..255 as uint8: rounded, clipped (bilinear resizing stays in
+    range; the clip is a guard), so casting back moves a pixel by at most 0.5."""
+    import tensorflow as tf
+
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
 
 
 def decode_files(

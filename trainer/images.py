@@ -2,7 +2,8 @@
 
 Listing, GCS staging, the bad-image probe, training, evaluation, `trainer.predict` and the
 exported model's `serving_default` all use these two, so a file that trains is a file that
-serves, with exactly the same pixels (no training/serving skew).
+serves, with the same pixels (no training/serving skew; the images a training pipeline keeps
+for its later epochs are these rounded to uint8, within 0.5 of a level: trainer/data.py).
 """
 
 from __future__ import annotations

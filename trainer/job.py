@@ -75,9 +75,13 @@ def run(cfg: DictConfig, *, startup_s: float | None = None) -> dict:
             t.max_hours, started=clock.started, strategy=ctx.strategy, workers=ctx.workers[0]
         )
         schedule = schedule_of(cfg, weights=weights)
-        trained = train_phases(
-            ctx, model=model, schedule=schedule, time_limit=time_limit, clock=clock
-        )
+        remove_pixel_spill(ctx)  # an earlier attempt's: tf.data would serve its stale pixels
+        try:
+            trained = train_phases(
+                ctx, model=model, schedule=schedule, time_limit=time_limit, clock=clock
+            )
+        finally:  # the training phases' pipelines are the spilled pixels' only readers
+            remove_pixel_spill(ctx)
         clock.restart()  # the phases timed themselves
         serving = build_serving(ctx, model=model)
         try:
@@ -271,6 +275,13 @@ def remove_feature_spill(ctx: RunContext) -> None:
     """The run's spill folder goes once the test features, memory-mapped from it when they
     were over the in-memory limit, had their last reader (the evaluation)."""
     shutil.rmtree(ctx.run_dir.feature_spill, ignore_errors=True)
+
+
+def remove_pixel_spill(ctx: RunContext) -> None:
+    """The run's decoded-pixel spill folder (tf.data cache files, trainer/data.py): removed
+    before training, as tf.data would read an earlier attempt's files instead of decoding, and
+    after it."""
+    shutil.rmtree(ctx.run_dir.pixel_spill_dir, ignore_errors=True)
 
 
 def report(ctx: RunContext, *, result: dict, cfg: DictConfig, trained: Trained, time_limit) -> dict:

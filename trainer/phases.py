@@ -46,8 +46,10 @@ class Trained:
     finetuned: dict | None = None  # fine-tuning's report for metrics.json (`_finetune`)
 
 
-def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
-    """Training and test pipelines; in multi-worker training each worker decodes only its own
+def image_pipelines(ctx: RunContext, *, augment: bool, cache_max_mb: int) -> Images:
+    """Training and test pipelines, each image decoded once and its pixels kept for the
+    later epochs (in memory up to `cache_max_mb` a split, train.feature_cache_max_mb, else
+    in the run's pixel spill); in multi-worker training each worker decodes only its own
     training files, if each gets a whole batch."""
     from trainer.data import image_dataset, worker_share, worker_steps
 
@@ -68,8 +70,23 @@ def image_pipelines(ctx: RunContext, *, augment: bool) -> Images:
         augment=augment,
         seed=ctx.seed,
         shard=shard,
+        cache=pixel_cache(ctx, name="train", max_mb=cache_max_mb),
     )
-    return Images(train, image_dataset(ctx.test, ctx.image_size, ctx.batch), steps)
+    test = image_dataset(
+        ctx.test,
+        ctx.image_size,
+        ctx.batch,
+        cache=pixel_cache(ctx, name="test", max_mb=cache_max_mb),
+    )
+    return Images(train, test, steps)
+
+
+def pixel_cache(ctx: RunContext, *, name: str, max_mb: int):
+    """Where split `name`'s decoded pixels are kept: memory up to `max_mb`, else its file in
+    the run's pixel spill folder."""
+    from trainer.data import PixelCache
+
+    return PixelCache(max_mb=max_mb, path=ctx.run_dir.pixel_spill(name))
 
 
 def train_phases(
@@ -98,7 +115,7 @@ def train_phases(
 
     @functools.cache  # built on first use: both phases share them when both augment alike
     def pipelines(augment: bool) -> Images:
-        return image_pipelines(ctx, augment=augment)
+        return image_pipelines(ctx, augment=augment, cache_max_mb=schedule.spill_above_mb)
 
     def fit_images(phase, *, augment: bool, validation=None):
         """The full model on the image pipelines: the head phase with augmentation, fine-tuning
@@ -387,7 +404,12 @@ def _finetune(ctx: RunContext, *, model, fit_images, schedule: Schedule, clock: 
     clock.restart()
     validation, keep = None, ()
     if ctx.validation is not None:
-        validation = image_dataset(ctx.validation, ctx.image_size, ctx.batch)
+        validation = image_dataset(
+            ctx.validation,
+            ctx.image_size,
+            ctx.batch,
+            cache=pixel_cache(ctx, name="validation", max_mb=schedule.spill_above_mb),
+        )
         keep = (KeepBest(baseline=_accuracy(ctx, model=model, split=ctx.validation)),)
     with ctx.strategy.scope():
         unfrozen = unfreeze_from(model, schedule.finetune_from)

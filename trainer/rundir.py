@@ -9,6 +9,8 @@
                           removed once the run is finished
       .feature_cache/     the run's feature spill: backbone features over the in-memory limit
                           (train.feature_cache_max_mb), memory-mapped; removed after evaluation
+      .pixel_cache/       the run's pixel spill: decoded training, test and validation images over
+                          the same limit, as tf.data cache files; removed when training ends
       _SUCCESS            written last: a reader that sees it sees a complete run
 
 Names starting with "." and files ending in ".partial" are scratch: never published. Every
@@ -29,6 +31,7 @@ CONFIG = "config.yaml"
 TENSORBOARD = "tensorboard"
 BACKUP = "backup"
 FEATURE_SPILL = ".feature_cache"  # its name on disk is older than storage.feature_cache
+PIXEL_SPILL = ".pixel_cache"
 PARTIAL = ".partial"  # suffix of a file being written, renamed into place when complete
 OLD = ".old"  # suffix of the previous model while a new one is moved into place
 
@@ -87,6 +90,16 @@ class RunDir:
     def feature_spill(self) -> str:
         """Where this run's features over the in-memory limit are memory-mapped."""
         return self.path(FEATURE_SPILL)
+
+    def pixel_spill(self, name: str) -> str:
+        """The tf.data cache file (a prefix: tf.data adds .index and .data-* to it) of the
+        decoded images of split `name` over the in-memory limit; all in one folder,
+        `pixel_spill_dir`."""
+        return os.path.join(self.pixel_spill_dir, name)
+
+    @property
+    def pixel_spill_dir(self) -> str:
+        return self.path(PIXEL_SPILL)
 
     @property
     def backup(self) -> str:

@@ -64,7 +64,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.bench import CLASSES, SKIPPABLE  # noqa: E402
-from scripts.bench.harness import benchmark  # noqa: E402
+from scripts.bench.harness import benchmark, class_folders  # noqa: E402
 from scripts.bench.recipes import run_recipe  # noqa: E402
 from scripts.bench.report import draw_chart, markdown_table, notes  # noqa: E402
 
@@ -156,6 +156,9 @@ def check_real_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for split in ("train", "test"):
         if not os.path.isdir(os.path.join(args.data, split)):
             parser.error(f"--data {args.data}: no {split}/ folder (train/<class>/, test/<class>/)")
+    train, test = (class_folders(os.path.join(args.data, split)) for split in ("train", "test"))
+    if train != test:
+        parser.error(f"--data {args.data}: train/ has classes {train}, test/ {test}")
     if not os.path.isfile(args.weights) or not args.weights.endswith((".h5", ".hdf5")):
         parser.error(f"--weights {args.weights}: no such .h5 file")
 

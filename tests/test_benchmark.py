@@ -155,14 +155,26 @@ def test_benchmark_on_folders_runs_every_row_on_their_classes_with_the_weights_f
 
 def test_benchmark_refuses_an_unknown_row_and_a_one_point_sweep(tmp_path):
     script = os.path.join(REPO, "scripts", "benchmark.py")
-    for flag, message in (
-        ("--skip=trainer", "--skip trainer: no such row"),
-        ("--sweep=1", "--sweep (1)"),
-        (f"--data={tmp_path}", "--data and --weights go together"),
-        (f"--weights={tmp_path / 'w.h5'}", "--data and --weights go together"),
+    mismatched = tmp_path / "mismatched"  # test/ lacks train/'s "dog"
+    for folder in ("train/cat", "train/dog", "test/cat"):
+        (mismatched / folder).mkdir(parents=True)
+    (tmp_path / "w.h5").write_bytes(b"")
+    for flags, message in (
+        (["--skip=trainer"], "--skip trainer: no such row"),
+        (["--sweep=1"], "--sweep (1)"),
+        ([f"--data={tmp_path}"], "--data and --weights go together"),
+        ([f"--weights={tmp_path / 'w.h5'}"], "--data and --weights go together"),
+        (
+            [f"--data={mismatched}", f"--weights={tmp_path / 'w.h5'}"],
+            "train/ has classes ['cat', 'dog'], test/ ['cat']",
+        ),
     ):
         done = subprocess.run(
-            [sys.executable, script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=60
+            [sys.executable, script, *flags],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 2 and message in done.stderr, done.stderr
 

@@ -414,6 +414,7 @@ def test_keras_epochs_after_the_first_never_read_the_files(tmp_path):
         pipeline(train, "train", shuffle=True, augment=True, seed=1),
         validation_data=pipeline(test, "test"),
         epochs=3,
+        shuffle=False,  # the pipelines shuffle themselves, as trainer/train.py's fit says
         verbose=0,
         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=break_files)],
     )

@@ -19,8 +19,6 @@ from datetime import datetime, timezone
 
 from . import CLASSES, ENTRY, KEYS, REPO
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
 # metrics.json's timings, in the job's order: (key, the phase it times). README's Outputs
 # section says what each covers.
 PHASES = (
@@ -124,20 +122,15 @@ def real_figures(results: dict, *, data: str, classes: int) -> dict:
 
 
 def count_data(data: str) -> dict:
-    """{"train": images, "test": images, "classes": class folders} of --data's folders: the
-    class folders of train/ (test/ must have the same ones)."""
-    folders = {}
-    for split in ("train", "test"):
-        root = os.path.join(data, split)
-        folders[split] = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if folders["train"] != folders["test"]:
-        raise SystemExit(
-            f"--data {data}: train/ has classes {folders['train']}, test/ {folders['test']}"
-        )
+    """{"train": images, "test": images, "classes": class folders} of --data's folders (their
+    train/ and test/ have the same class folders: benchmark.py checks)."""
+    folders = {split: class_folders(os.path.join(data, split)) for split in ("train", "test")}
+    from trainer.images import is_image  # what the trainer counts as an image, no TensorFlow
+
     counts = {"classes": len(folders["train"])}
     for split in ("train", "test"):
         counts[split] = sum(
-            name.lower().endswith(IMAGE_SUFFIXES)
+            is_image(name)
             for folder in folders[split]
             for name in os.listdir(os.path.join(data, split, folder))
         )
@@ -147,6 +140,11 @@ def count_data(data: str) -> dict:
         flush=True,
     )
     return counts
+
+
+def class_folders(root: str) -> list[str]:
+    """The class folders under `root`, sorted."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
 
 
 def make_data(*, args: argparse.Namespace, data: str) -> tuple[dict, float]:
